@@ -1,0 +1,219 @@
+"""Typed configuration: `config.yaml` < `PTSERVE_<SECTION>_<KEY>` env vars < command-line flags.
+
+Every key is declared here once, with its default and its allowed values. Unknown keys, wrong types
+and bad values stop start-up with one message naming the key (and where it came from), the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "PTSERVE_"
+DEFAULT_SYSTEM_PROMPT = "Você é um assistente virtual prestativo. Responda somente em Português."
+ALLOWED_HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # LitServe binds only these
+SECRET_KEYS = {("server", "api_key")}
+# Short env names people expect, on top of the PTSERVE_<SECTION>_<KEY> form.
+ENV_ALIASES = {"PTSERVE_API_KEY": ("server", "api_key")}
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    id: str = Field("microsoft/Phi-3.5-mini-instruct", min_length=1)
+    served_name: str = Field("phi-3.5-mini-instruct", min_length=1)
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    max_context_length: int | None = Field(None, ge=16)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+class QuantizationSettings(_Section):
+    mode: Literal["none", "4bit", "8bit"] = "none"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    bnb_4bit_use_double_quant: bool = True
+
+
+class GenerationSettings(_Section):
+    max_tokens: int = Field(500, ge=1)
+    temperature: float = Field(0.1, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1024, le=65535)
+    api_key: str | None = None
+    cors_origins: list[str] = []
+    max_concurrent_sequences: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=1)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v == "localhost":
+            return "127.0.0.1"
+        if v not in ALLOWED_HOSTS:
+            raise ValueError(f"must be one of {', '.join(ALLOWED_HOSTS)}")
+        return v
+
+
+class Config(_Section):
+    model: ModelSettings = ModelSettings()
+    quantization: QuantizationSettings = QuantizationSettings()
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    generation: GenerationSettings = GenerationSettings()
+    server: ServerSettings = ServerSettings()
+
+    def redacted(self) -> dict[str, Any]:
+        data = self.model_dump()
+        for section, key in SECRET_KEYS:
+            if data[section][key] is not None:
+                data[section][key] = "***"
+        return data
+
+    def non_defaults(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, secrets redacted: what start-up logs."""
+        ours, base = self.redacted(), Config().model_dump()
+        out: dict[str, Any] = {}
+        for name, value in ours.items():
+            if isinstance(value, dict):
+                diff = {k: v for k, v in value.items() if v != base[name][k]}
+                if diff:
+                    out[name] = diff
+            elif value != base[name]:
+                out[name] = value
+        return out
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    name: field.annotation
+    for name, field in Config.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _Section)
+}
+TOP_LEVEL_SCALARS = [name for name in Config.model_fields if name not in SECTIONS]
+
+
+def _allowed(keys) -> str:
+    return ", ".join(sorted(keys))
+
+
+def _env_overrides(environ: dict[str, str]) -> list[tuple[tuple[str, ...], Any, str]]:
+    out = []
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        if var in ENV_ALIASES:
+            out.append((ENV_ALIASES[var], raw, f"env {var}"))
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        if rest in TOP_LEVEL_SCALARS:
+            out.append(((rest,), raw, f"env {var}"))
+            continue
+        section, _, key = rest.partition("_")
+        if section not in SECTIONS or key not in SECTIONS[section].model_fields:
+            known = [f"{ENV_PREFIX}{s.upper()}" for s in TOP_LEVEL_SCALARS] + [
+                f"{ENV_PREFIX}{s.upper()}_{k.upper()}" for s, m in SECTIONS.items() for k in m.model_fields
+            ]
+            raise ConfigError(f"unknown environment variable {var}={raw!r}; allowed: {_allowed(known)}")
+        out.append(((section, key), _env_value(SECTIONS[section], key, raw), f"env {var}"))
+    return out
+
+
+def _env_value(section: type[_Section], key: str, raw: str) -> Any:
+    annotation = str(section.model_fields[key].annotation)
+    if "list" in annotation:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if raw == "" and "None" in annotation:
+        return None
+    return raw  # pydantic coerces "8000" -> 8000, "true" -> True
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+    overrides: dict[tuple[str, ...], Any] | None = None,
+) -> Config:
+    """YAML file < environment < `overrides` (the CLI's flags, keyed by (section, key))."""
+    environ = dict(os.environ if environ is None else environ)
+    tree: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+        for section, value in tree.items():
+            if isinstance(value, dict):
+                for key in value:
+                    sources[(section, key)] = f"{path}"
+            sources[(section,)] = f"{path}"
+    for key_path, value, source in _env_overrides(environ):
+        _set(tree, key_path, value)
+        sources[key_path] = source
+    for key_path, value in (overrides or {}).items():
+        if value is not None:
+            _set(tree, key_path, value)
+            sources[key_path] = "command line"
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, sources)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _explain(exc: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        source = sources.get(loc[:2]) or sources.get(loc[:1]) or "defaults"
+        if err["type"] == "extra_forbidden":
+            model = SECTIONS.get(loc[0]) if len(loc) > 1 else Config
+            allowed = _allowed(model.model_fields) if model else ""
+            lines.append(f"unknown config key '{key}' (from {source}); allowed here: {allowed}")
+        else:
+            shown = "***" if loc[:2] in SECRET_KEYS else repr(err["input"])
+            lines.append(f"bad value for config key '{key}' (from {source}): {shown} - {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

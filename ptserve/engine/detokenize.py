@@ -1,0 +1,96 @@
+"""UTF-8-safe incremental detokenization and stop-string hold-back.
+
+`TextStream.add(token_id)` returns the text that is safe to show now. Text is held back while:
+- the last tokens end inside a multi-byte character (decoding shows U+FFFD), or
+- the tail of the text could be the start of a stop string.
+A stop string found in the text ends the stream; it and everything after it are never returned.
+Joined, the returned pieces equal `tokenizer.decode(ids, skip_special_tokens=True)` (up to the stop).
+"""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Decodes a window of recent ids and emits the difference (the approach of vLLM and TGI).
+
+    Decoding from an earlier offset keeps the leading-space handling of SentencePiece-style
+    tokenizers right: the window's first token is never the one being emitted.
+    """
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._delta(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held (an incomplete character at the very end decodes as U+FFFD)."""
+        return self._delta(final=True)
+
+    def _delta(self, final: bool) -> str:
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.ids[self._prefix_offset :])
+        if len(full) > len(prefix) and (final or not full.endswith(REPLACEMENT)):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return full[len(prefix) :]
+        return ""
+
+
+class StopMatcher:
+    """Finds stop strings across chunk boundaries, holding back a tail that may start one."""
+
+    def __init__(self, stops: list[str]):
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        keep = self._longest_partial(buf)
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+    def _longest_partial(self, buf: str) -> int:
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(buf)), best, -1):
+                if buf.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class TextStream:
+    """Token ids in, safe text out, with stop strings applied."""
+
+    def __init__(self, tokenizer, stops: list[str] | None = None):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopMatcher(stops or [])
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        text, self.stopped = self._stops.feed(self._detok.add(token_id))
+        return text
+
+    def finish(self) -> str:
+        """Release held text when generation ends for another reason (EOS, length)."""
+        text, self.stopped = self._stops.feed(self._detok.flush())
+        return text if self.stopped else text + self._stops.flush()

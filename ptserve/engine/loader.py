@@ -1,0 +1,123 @@
+"""Load the model and tokenizer from config with transformers (+ bitsandbytes). Nothing else knows about
+quantization."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ptserve.config import Config
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    eos_token_ids: list[int]
+    max_context_length: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _hub_kwargs(config: Config) -> dict:
+    # HF_TOKEN (for gated models) is passed through, never logged.
+    kwargs = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        kwargs["token"] = token
+    return kwargs
+
+
+def load_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model.id, **_hub_kwargs(config))
+
+
+def quantization_config(config: Config):
+    from transformers import BitsAndBytesConfig
+
+    q = config.quantization
+    if q.mode == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=_DTYPES[q.bnb_4bit_compute_dtype],
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        )
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every EOS id of the generation config (Phi-3.5: <|endoftext|>, <|assistant|>, <|end|>), plus the
+    tokenizer's."""
+    ids: list[int] = []
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    for value in (gen_eos, model.config.eos_token_id, tokenizer.eos_token_id):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def context_length(config: Config, model_config) -> int:
+    """The configured context window, capped at the model's own (`max_position_embeddings`)."""
+    native = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    wanted = config.model.max_context_length
+    if wanted is None:
+        return native
+    if native and wanted > native:
+        logger.warning("model.max_context_length %d exceeds the model's %d; using %d", wanted, native, native)
+        return native
+    return wanted
+
+
+def load_model_config(config: Config):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(config.model.id, **_hub_kwargs(config))
+
+
+def load(config: Config, device: str | None = None) -> LoadedModel:
+    """`device` is the one LitServe assigned to this worker; an explicit `model.device` wins."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(config.model.device if config.model.device != "auto" or device is None else device)
+    quant = quantization_config(config)
+    dtype = _DTYPES.get(config.model.dtype, "auto")  # auto: the dtype the checkpoint was saved in
+    kwargs = dict(_hub_kwargs(config), dtype=dtype, attn_implementation=config.model.attn_implementation)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}
+    logger.info("loading %s (quantization %s) on %s", config.model.id, config.quantization.mode, device)
+    model = AutoModelForCausalLM.from_pretrained(config.model.id, **kwargs)
+    if quant is None:
+        model.to(device)
+    model.eval()
+    if config.quantization.mode == "8bit":
+        # bitsandbytes warns on every matmul that it casts bf16 inputs to fp16; say it once here instead.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    tokenizer = load_tokenizer(config)
+    loaded = LoadedModel(model, tokenizer, device, eos_token_ids(model, tokenizer), context_length(config, model.config))
+    logger.info(
+        "loaded: %.1f MB, eos ids %s, context %d",
+        model.get_memory_footprint() / 1e6,
+        loaded.eos_token_ids,
+        loaded.max_context_length,
+    )
+    return loaded
