@@ -1,7 +1,7 @@
 """ptserve: an OpenAI-compatible server for microsoft/Phi-3.5-mini-instruct.
 
-    python server.py [--config PATH] [--model ID_OR_DIR] [--port N] [--host H] [--api-key KEY]
-                     [--quantization none|4bit|8bit]
+python server.py [--config PATH] [--model ID_OR_DIR] [--port N] [--host H] [--api-key KEY]
+                 [--quantization none|4bit|8bit]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """A few exception types and ONE mapping to the OpenAI error envelope.
 
-    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+{"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
 """
 
 from __future__ import annotations

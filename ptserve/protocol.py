@@ -126,7 +126,7 @@ def validate_request(body: Any) -> ChatCompletionRequest:
             "Invalid 'stream_options': it is only allowed when 'stream' is true.", param="stream_options"
         )
     if request.unknown_fields():
-        logger.info("ignoring request fields this server does not honour: %s", ", ".join(request.unknown_fields()))
+        logger.warning("ignoring request fields this server does not honour: %s", ", ".join(request.unknown_fields()))
     return request
 
 
@@ -141,7 +141,9 @@ def _first_error(exc, body: dict) -> Exception:
         err = lit
     param = validation_param(err["loc"])
     if err["type"] == "missing":
-        return invalid_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        return invalid_request(
+            f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
     value = err.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 200 else type(value).__name__
     return invalid_request(f"Invalid value for '{param}': {err['msg']}. Got {shown}.", param=param)

@@ -113,7 +113,9 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
         # bitsandbytes warns on every matmul that it casts bf16 inputs to fp16; say it once here instead.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     tokenizer = load_tokenizer(config)
-    loaded = LoadedModel(model, tokenizer, device, eos_token_ids(model, tokenizer), context_length(config, model.config))
+    loaded = LoadedModel(
+        model, tokenizer, device, eos_token_ids(model, tokenizer), context_length(config, model.config)
+    )
     logger.info(
         "loaded: %.1f MB, eos ids %s, context %d",
         model.get_memory_footprint() / 1e6,

@@ -1,0 +1,42 @@
+# Each target does its own set-up: a virtual environment in .venv with everything installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0: on a machine with a local CPU build of it pip takes that; elsewhere PyPI's (CUDA on Linux).
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= demo-model
+PORT ?= 8000
+
+.PHONY: install serve test demo lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(PY) server.py --config config.yaml
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+# A tiny random-weight Phi-3 built locally (no download), served on $(PORT): it answers gibberish,
+# through every real code path.
+demo: install
+	test -f $(DEMO_DIR)/config.json || $(PY) -m ptserve.tinymodel $(DEMO_DIR) --hidden 256 --layers 4 --heads 8 --intermediate 704
+	$(PY) server.py --config config.yaml --model $(DEMO_DIR) --port $(PORT)
+
+lint:
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -1,0 +1,129 @@
+"""Tier 1: prompting rules, detokenization, stop strings, sampling and chunk shapes (no model)."""
+
+import json
+
+import pytest
+import torch
+
+from ptserve import streaming
+from ptserve.engine.detokenize import StopMatcher
+from ptserve.engine.sampling import SamplingParams, make_generator, sample, top_p_filter
+from ptserve.errors import APIError
+from ptserve.prompting import render_messages, resolve_max_tokens
+from ptserve.protocol import ChatMessage
+from tests.openai_schema import validate
+
+
+def msgs(*pairs):
+    return [ChatMessage(role=r, content=c) for r, c in pairs]
+
+
+# -- system prompt rule -------------------------------------------------------------------------------
+def test_default_system_prompt_is_added_when_none_sent():
+    assert render_messages(msgs(("user", "oi")), "SYS") == [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "oi"},
+    ]
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_request_system_or_developer_message_wins(role):
+    assert render_messages(msgs((role, "mine"), ("user", "oi")), "SYS") == [
+        {"role": "system", "content": "mine"},
+        {"role": "user", "content": "oi"},
+    ]
+
+
+def test_empty_system_prompt_turns_it_off():
+    assert render_messages(msgs(("user", "oi")), "") == [{"role": "user", "content": "oi"}]
+
+
+# -- context window -----------------------------------------------------------------------------------
+def test_max_tokens_resolution():
+    assert resolve_max_tokens(100, None, 500, 4096) == 500
+    assert resolve_max_tokens(4000, None, 500, 4096) == 96  # the default shrinks to the room left
+    assert resolve_max_tokens(100, 3996, 500, 4096) == 3996
+
+
+def test_context_errors_carry_openai_message_and_numbers():
+    with pytest.raises(APIError) as err:
+        resolve_max_tokens(4000, 200, 500, 4096)
+    assert err.value.message == (
+        "This model's maximum context length is 4096 tokens. However, you requested 4200 tokens "
+        "(4000 in the messages, 200 in the completion). Please reduce the length of the messages or completion."
+    )
+    assert (err.value.param, err.value.code) == ("messages", "context_length_exceeded")
+    with pytest.raises(APIError, match="your messages resulted in 4096 tokens"):
+        resolve_max_tokens(4096, None, 500, 4096)
+
+
+# -- stop strings -------------------------------------------------------------------------------------
+def test_stop_split_across_chunks_is_never_returned():
+    m = StopMatcher(["STOP"])
+    assert m.feed("abc ST") == ("abc ", False)  # "ST" may start STOP: held
+    assert m.feed("O") == ("", False)
+    assert m.feed("P and more") == ("", True)
+
+
+def test_held_text_is_released_when_it_stops_matching():
+    m = StopMatcher(["STOP"])
+    assert m.feed("xS") == ("x", False)
+    assert m.feed("Ty") == ("STy", False)
+    assert m.flush() == ""
+
+
+def test_earliest_of_several_stops_wins():
+    m = StopMatcher(["b", "cd"])
+    assert m.feed("acdb") == ("a", True)
+
+
+def test_flush_returns_partial_tail():
+    m = StopMatcher(["\n\n"])
+    assert m.feed("end\n") == ("end", False)
+    assert m.flush() == "\n"
+
+
+# -- sampling -----------------------------------------------------------------------------------------
+def test_top_p_filter_keeps_the_nucleus_per_row():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    out = top_p_filter(probs, torch.tensor([0.8, 1.0]))
+    assert out[0].tolist() == pytest.approx([0.5, 0.3, 0.0, 0.0])
+    assert out[1].tolist() == pytest.approx([0.25] * 4)
+    assert top_p_filter(probs[:1], torch.tensor([0.1]))[0].tolist() == pytest.approx([0.5, 0, 0, 0])
+
+
+def test_greedy_rows_and_seeded_rows_in_one_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(8, temperature=0.0), SamplingParams(8, 1.0, seed=7), SamplingParams(8, 1.0, seed=7)]
+    first = sample(logits, params, [make_generator(p) for p in params])
+    again = sample(logits, params, [make_generator(p) for p in params])
+    assert first[0] == logits[0].argmax()
+    assert first.tolist() == again.tolist()  # same seed, same token, whatever the neighbours
+    assert make_generator(params[0]) is None
+
+
+# -- chunks and bodies against the official schema ----------------------------------------------------
+def test_chunks_follow_the_openai_rules_and_schema():
+    w = streaming.ChunkWriter("m", include_usage=True)
+    frames = [w.role(), w.content("olá"), w.finish("length"), w.usage(3, 1)]
+    bodies = [json.loads(f.removeprefix("data: ")) for f in frames]
+    for body in bodies:
+        validate(body, "CreateChatCompletionStreamResponse")
+        assert (body["id"], body["created"]) == (w.id, w.created)
+    assert bodies[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "role" not in bodies[1]["choices"][0]["delta"]
+    assert [b["choices"][0]["finish_reason"] for b in bodies[:3]] == [None, None, "length"]
+    assert [b["usage"] for b in bodies[:3]] == [None, None, None]
+    assert bodies[3]["choices"] == [] and bodies[3]["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 1,
+        "total_tokens": 4,
+    }
+    assert "usage" not in json.loads(streaming.ChunkWriter("m").content("x").removeprefix("data: "))
+
+
+def test_completion_body_schema():
+    body = streaming.chat_completion("chatcmpl-1", 1, "m", "oi", "stop", 5, 2)
+    validate(body, "CreateChatCompletionResponse")
+    assert body["choices"][0]["message"]["refusal"] is None and body["choices"][0]["logprobs"] is None
