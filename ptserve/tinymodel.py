@@ -55,25 +55,39 @@ class TinyShape:
     seed: int = 0
 
 
+def _normalizer():
+    from tokenizers import normalizers
+
+    # Phi-3.5 (Llama-style SentencePiece): prepend "▁", spaces become "▁", no pre-tokenizer.
+    return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+
+
 def build_tokenizer(path: Path, shape: TinyShape):
-    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, trainers
     from transformers import PreTrainedTokenizerFast
 
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    # Phi-3.5 (Llama-style SentencePiece): prepend "▁", spaces become "▁", no pre-tokenizer.
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
     trainer = trainers.BpeTrainer(
-        vocab_size=shape.vocab_target,
-        special_tokens=SPECIAL_TOKENS[:3] + byte_tokens,
+        vocab_size=shape.vocab_target - 256,
+        special_tokens=SPECIAL_TOKENS[:3],
         show_progress=False,
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789▁.,!?"),
     )
-    tok.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS[3:])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = _normalizer()
+    trained.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    learned = json.loads(trained.to_str())["model"]
+    # As in Llama/Phi-3.5: <unk> <s> </s>, then the 256 byte-fallback tokens <0x00>..<0xFF> (ordinary,
+    # not special: skipping special tokens on decode must keep them), then the learned pieces.
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS[:3] + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = _normalizer()
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

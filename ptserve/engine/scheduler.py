@@ -59,7 +59,10 @@ class GenerationStream:
 
     # Called on the engine thread.
     def _publish(self, token_id: int | None, finish_reason: str | None) -> None:
-        self._loop.call_soon_threadsafe(self._receive, token_id, finish_reason)
+        try:
+            self._loop.call_soon_threadsafe(self._receive, token_id, finish_reason)
+        except RuntimeError:  # the reader's event loop is gone: nobody will read on
+            self.cancelled.set()
 
     def _receive(self, token_id: int | None, finish_reason: str | None) -> None:
         if token_id is not None:

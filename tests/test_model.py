@@ -1,0 +1,200 @@
+"""Tier 2: the tiny local Phi-3 through the real from_pretrained path: template, detokenizer, engine,
+quantization."""
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+
+from ptserve.config import load_config
+from ptserve.engine import loader
+from ptserve.engine.detokenize import IncrementalDetokenizer, TextStream
+from ptserve.engine.sampling import SamplingParams
+from ptserve.engine.scheduler import Engine, EngineFull
+from ptserve.prompting import encode_prompt, render_messages
+from ptserve.protocol import ChatMessage
+
+PROMPT = [ChatMessage(role="user", content="Olá, tudo bem? 😀")]
+
+
+def config_for(model_dir, **quantization):
+    overrides = {("model", "id"): str(model_dir)}
+    overrides.update({("quantization", k): v for k, v in quantization.items()})
+    return load_config(None, environ={}, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return loader.load(config_for(tiny_model_dir))
+
+
+def prompt_ids(tokenizer, system="Você é útil."):
+    return encode_prompt(tokenizer, render_messages(PROMPT, system))
+
+
+def run_engine(engine, jobs):
+    """Submit (prompt_ids, params) jobs together; return [(token_ids, finish_reason)] in order."""
+
+    async def one(ids, params):
+        tokens, finish = [], None
+        async for out in engine.submit(ids, params):
+            tokens += out.token_ids
+            finish = out.finish_reason
+        return tokens, finish
+
+    async def all_jobs():
+        return await asyncio.gather(*(one(ids, params) for ids, params in jobs))
+
+    return asyncio.run(all_jobs())
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, min_new_tokens=n)
+    return out[0, len(ids) :].tolist()
+
+
+# -- prompt -------------------------------------------------------------------------------------------
+def test_phi35_template_text(tokenizer):
+    text = tokenizer.apply_chat_template(render_messages(PROMPT, "SYS"), add_generation_prompt=True, tokenize=False)
+    assert text == "<|system|>\nSYS<|end|>\n<|user|>\nOlá, tudo bem? 😀<|end|>\n<|assistant|>\n"
+
+
+def test_prompt_ids_keep_special_tokens_whole(tokenizer):
+    ids = prompt_ids(tokenizer, "")
+    specials = [tokenizer.convert_tokens_to_ids(t) for t in ("<|user|>", "<|end|>", "<|assistant|>")]
+    assert ids[0] == specials[0] and specials[1] in ids and specials[2] in ids
+    assert tokenizer.bos_token_id not in ids  # Phi-3.5's template adds no BOS
+    assert [i for i in ids if i in specials] == specials  # <|user|> ... <|end|> ... <|assistant|>
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "Olá, tudo bem? 😀"
+
+
+def test_eos_ids_come_from_the_generation_config(loaded, tokenizer):
+    expected = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
+    assert loaded.eos_token_ids == expected
+    assert loaded.max_context_length == 2048
+
+
+# -- detokenizer --------------------------------------------------------------------------------------
+def test_incremental_text_equals_full_decode(tokenizer):
+    text = 'Olá, mundo! 😀 Ação — 42 {"a": [1, 2]}  dois  espaços ✓'
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)  # multi-byte characters are never split
+
+
+def test_text_stream_stop_string(tokenizer):
+    ids = tokenizer("abc STOP def", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, ["STOP"])
+    out = ""
+    for i in ids:
+        out += stream.add(i)
+        if stream.stopped:
+            break
+    assert (out, stream.stopped) == ("abc ", True)
+
+
+# -- engine -------------------------------------------------------------------------------------------
+def test_engine_greedy_equals_transformers_generate(loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+    engine = Engine(loaded.model, loaded.max_context_length).start()
+    try:
+        [(tokens, finish)] = run_engine(engine, [(ids, SamplingParams(12, temperature=0.0))])
+    finally:
+        engine.shutdown()
+    assert tokens == hf_greedy(loaded.model, ids, 12)
+    assert finish == "length"
+
+
+def test_engine_stops_at_an_eos_id(loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+    reference = hf_greedy(loaded.model, ids, 12)
+    eos = reference[4]
+    expected = reference[: reference.index(eos) + 1]
+    engine = Engine(loaded.model, loaded.max_context_length).start()
+    try:
+        params = SamplingParams(12, temperature=0.0, stop_token_ids=(eos,))
+        [(tokens, finish)] = run_engine(engine, [(ids, params)])
+    finally:
+        engine.shutdown()
+    assert (tokens, finish) == (expected, "stop")
+
+
+def test_concurrent_requests_do_not_mix_and_seeds_repeat(loaded, tokenizer):
+    a, b = prompt_ids(tokenizer), prompt_ids(tokenizer, "Outro sistema.")
+    greedy = SamplingParams(8, temperature=0.0)
+    seeded = SamplingParams(8, temperature=1.0, seed=123)
+    engine = Engine(loaded.model, loaded.max_context_length).start()
+    try:
+        alone = run_engine(engine, [(a, greedy), (b, seeded)])
+        together = run_engine(engine, [(b, seeded), (a, greedy), (a, greedy), (b, seeded)])
+    finally:
+        engine.shutdown()
+    assert together == [alone[1], alone[0], alone[0], alone[1]]
+
+
+def test_engine_respects_context_window(loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+    engine = Engine(loaded.model, max_context_length=len(ids) + 3).start()
+    try:
+        [(tokens, finish)] = run_engine(engine, [(ids, SamplingParams(50, temperature=0.0))])
+    finally:
+        engine.shutdown()
+    assert (len(tokens), finish) == (3, "length")
+
+
+def test_cancel_and_queue_limit(loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+
+    async def scenario(engine):
+        long = engine.submit(ids, SamplingParams(1000, temperature=0.0))
+        seen, waiting = 0, None
+        async for out in long:
+            seen += len(out.token_ids)
+            if waiting is None:  # `long` runs now: one may wait, a second may not
+                waiting = engine.submit(ids, SamplingParams(3, temperature=0.0))
+                with pytest.raises(EngineFull):
+                    engine.submit(ids, SamplingParams(3, temperature=0.0))
+            if seen >= 2 and out.finish_reason is None:
+                long.cancel()
+            if out.finish_reason:
+                first_finish = out.finish_reason
+        tokens = []
+        async for out in waiting:
+            tokens += out.token_ids
+            finish = out.finish_reason
+        return first_finish, seen, tokens, finish
+
+    engine = Engine(loaded.model, loaded.max_context_length, max_queued=1).start()
+    try:
+        finish_long, seen, tokens, finish = asyncio.run(scenario(engine))
+    finally:
+        engine.shutdown()
+    assert finish_long == "abort" and seen < 1000
+    assert (len(tokens), finish) == (3, "length")  # the next request ran once the first was cancelled
+
+
+# -- quantization -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mode, layer_class", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")], ids=["4bit-nf4", "8bit"]
+)
+def test_bitsandbytes_quantizes_on_cpu_and_answers(tiny_model_dir, tokenizer, loaded, mode, layer_class):
+    quantized = loader.load(config_for(tiny_model_dir, mode=mode))
+    proj = quantized.model.model.layers[0].mlp.gate_up_proj
+    assert type(proj).__name__ == layer_class
+    assert quantized.model.get_memory_footprint() < loaded.model.get_memory_footprint()
+    ids = prompt_ids(tokenizer)
+    engine = Engine(quantized.model, quantized.max_context_length).start()
+    try:
+        [(tokens, finish)] = run_engine(engine, [(ids, SamplingParams(6, temperature=0.0))])
+    finally:
+        engine.shutdown()
+    assert (len(tokens), finish) == (6, "length")
+    assert all(0 <= t < len(tokenizer) for t in tokens)
+
+
+def test_sampling_params_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SamplingParams(1).max_tokens = 2
