@@ -25,9 +25,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from ptserve.config import ConfigError, load_config
+    from ptserve.logs import configure_logging
 
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     overrides = {
         ("model", "id"): args.model,
         ("server", "port"): args.port,
@@ -44,8 +45,11 @@ def main(argv=None) -> int:
     logging.getLogger("ptserve").info("settings that differ from the defaults: %s", config.non_defaults())
     from ptserve.api import run
 
-    run(config)
-    return 0
+    try:
+        return 0 if run(config) else 1
+    except OSError as exc:  # transformers' word for a model id or directory it cannot load
+        print(f"ptserve: cannot load model {config.model.id!r}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

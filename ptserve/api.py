@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections import deque
@@ -27,7 +28,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -37,6 +38,7 @@ from ptserve.engine.detokenize import TextStream
 from ptserve.engine.scheduler import Engine, EngineFull
 from ptserve.errors import APIError, envelope, error_body
 from ptserve.frontend import Frontend, Job
+from ptserve.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +219,7 @@ class ChatAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         from ptserve.engine import loader
 
+        configure_logging()
         loaded = loader.load(self.config, device)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = tuple(loaded.eos_token_ids)
@@ -288,6 +291,29 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse(envelope(400, f"Invalid request: {exc.errors()}"), status_code=400)
 
 
+class _Server(ls.LitServer):
+    """LitServer that answers HTTP while the model loads: /health says 503 until the worker is ready
+    (LitServe's own run() does not listen before then). A worker that fails to load stops the server."""
+
+    load_failed = False
+
+    def verify_worker_status(self):
+        def watch():
+            while True:
+                states = list(self.workers_setup_status.values())
+                if any(v == WorkerSetupStatus.ERROR for v in states):
+                    logger.error("the inference worker failed to load the model; shutting down")
+                    self.load_failed = True
+                    self._shutdown_event.set()
+                    return
+                if states and all(v == WorkerSetupStatus.READY for v in states):
+                    logger.info("model loaded: ready to serve")
+                    return
+                time.sleep(0.1)
+
+        threading.Thread(target=watch, name="ptserve-load-watch", daemon=True).start()
+
+
 def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServer:
     api = ChatAPI(config)
     api.spec.frontend = frontend or Frontend.load(config)
@@ -305,12 +331,14 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
         )
     device = config.model.device
     accelerator = "auto" if device == "auto" else device.split(":")[0]
-    server = ls.LitServer(api, accelerator=accelerator, devices=1, timeout=False, middlewares=middlewares)
+    server = _Server(api, accelerator=accelerator, devices=1, timeout=False, middlewares=middlewares)
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.app.add_exception_handler(RequestValidationError, _validation_error)
     return server
 
 
-def run(config: Config) -> None:
+def run(config: Config) -> bool:
+    """Serve until stopped; False when the model failed to load."""
     server = build_server(config)
     server.run(host=config.server.host, port=config.server.port, generate_client_file=False, num_api_servers=1)
+    return not server.load_failed

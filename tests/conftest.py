@@ -42,6 +42,7 @@ class RunningServer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.health_seen: list[int] = []  # /health statuses while starting
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PTSERVE_")}
         full_env.update(env or {})
@@ -60,7 +61,8 @@ class RunningServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                self.health_seen.append(httpx.get(f"{self.base_url}/health", timeout=2).status_code)
+                if self.health_seen[-1] == 200:
                     return
             except httpx.HTTPError:
                 pass

@@ -119,3 +119,14 @@ def test_bad_config_stops_startup_with_one_message(tmp_path):
     assert proc.returncode == 2
     assert "bad value for config key 'server.port'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unloadable_model_stops_startup_with_a_message(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--model", str(tmp_path / "no" / "such" / "model")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "ptserve: cannot load model" in proc.stderr

@@ -63,6 +63,12 @@ def client(server):
 
 
 # -- plumbing -----------------------------------------------------------------------------------------
+def test_health_says_503_while_loading_then_200(server):
+    # The API answers while the worker still loads the model (worker start-up takes seconds here).
+    assert server.health_seen[0] == 503
+    assert set(server.health_seen[:-1]) == {503} and server.health_seen[-1] == 200
+
+
 def test_health_is_open_and_models_listed(server, client):
     assert httpx.get(server.base_url + "/health").status_code == 200  # no key needed
     r = httpx.get(server.base_url + "/v1/models", headers=AUTH)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,9 +108,6 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
     if quant is None:
         model.to(device)
     model.eval()
-    if config.quantization.mode == "8bit":
-        # bitsandbytes warns on every matmul that it casts bf16 inputs to fp16; say it once here instead.
-        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     tokenizer = load_tokenizer(config)
     loaded = LoadedModel(
         model, tokenizer, device, eos_token_ids(model, tokenizer), context_length(config, model.config)
