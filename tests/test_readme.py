@@ -1,0 +1,62 @@
+"""Tier 3: the README's curl, openai SDK and LangChain examples, run as written against a server started
+from the shipped config.yaml (no API key, the default system prompt) on the tiny model. Only the port
+differs."""
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, RunningServer
+from tests.openai_schema import validate
+
+pytestmark = pytest.mark.server
+
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+@pytest.fixture(scope="module")
+def readme_server(tiny_model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("readme") / "server.log"
+    srv = RunningServer(["--config", "config.yaml", "--model", str(tiny_model_dir)], log_path=log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def at(server, code: str) -> str:
+    assert "http://127.0.0.1:8000" in code
+    return code.replace("http://127.0.0.1:8000", server.base_url)
+
+
+def test_curl_examples(readme_server):
+    curls = [b for b in blocks("sh") if b.startswith("curl")]
+    assert len(curls) == 2
+    plain = subprocess.run(["bash", "-c", at(readme_server, curls[0])], capture_output=True, text=True, check=True)
+    body = json.loads(plain.stdout)
+    validate(body, "CreateChatCompletionResponse")
+    assert body["model"] == "phi-3.5-mini-instruct"
+    streamed = subprocess.run(["bash", "-c", at(readme_server, curls[1])], capture_output=True, text=True, check=True)
+    frames = [line.removeprefix("data: ") for line in streamed.stdout.splitlines() if line]
+    assert frames[-1] == "[DONE]"
+    for frame in frames[:-1]:
+        validate(json.loads(frame), "CreateChatCompletionStreamResponse")
+    assert json.loads(frames[-2])["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("which", ["openai", "langchain"])
+def test_python_examples(readme_server, which):
+    [code] = [b for b in blocks("python") if f"from {which}" in b or f"from {which}_openai" in b]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(at(readme_server, code), f"README-{which}", "exec"), {})
+    assert out.getvalue().count("\n") >= 2  # one answer, one streamed answer
