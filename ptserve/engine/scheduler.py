@@ -16,6 +16,7 @@ This engine runs one sequence at a time on its own thread, in arrival order; the
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import queue
@@ -97,6 +98,9 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self.running = 0  # sequences being decoded now (0 or 1 here)
+        # transformers 5.24 renamed forward(past_key_values=) to forward(cache=); accept both.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     # -- public API ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -156,7 +160,8 @@ class Engine:
             if stream.cancelled.is_set():
                 stream._publish(None, "abort")
                 return
-            logits = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            kwargs = {self._cache_kwarg: cache}
+            logits = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs).logits
             # 2. sample one token per row: [1, V] -> [1]
             token = sample(logits[:, -1, :], [params], [generator])
             token_id = int(token[0])
