@@ -35,7 +35,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ptserve import streaming
 from ptserve.config import Config
 from ptserve.engine.detokenize import TextStream
-from ptserve.engine.scheduler import Engine, EngineFull
+from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
 from ptserve.errors import APIError, envelope, error_body
 from ptserve.frontend import Frontend, Job
 from ptserve.logs import configure_logging
@@ -223,7 +223,21 @@ class ChatAPI(ls.LitAPI):
         loaded = loader.load(self.config, device)
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = tuple(loaded.eos_token_ids)
-        self.engine = Engine(loaded.model, loaded.max_context_length, self.config.server.max_queued_requests).start()
+        server = self.config.server
+        engine = Engine(
+            loaded.model,
+            loaded.max_context_length,
+            max_queued=server.max_queued_requests,
+            max_seqs=server.max_concurrent_sequences,
+            kv_budget_bytes=loader.kv_cache_bytes(self.config, loaded.device),
+        )
+        logger.info(
+            "engine: %d sequences at once, KV cache budget %d tokens (%.2f GB)",
+            server.max_concurrent_sequences,
+            engine.kv_budget_tokens,
+            engine.kv_budget_tokens * engine.bytes_per_token / 1e9,
+        )
+        self.engine = engine.start()
         self.streams: dict[str, Any] = {}
 
     async def decode_request(self, request, **kwargs):
@@ -246,6 +260,10 @@ class ChatAPI(ls.LitAPI):
         except EngineFull as exc:
             message = f"The server is busy: {exc}. Retry after {RETRY_AFTER_S} s."
             yield {"error": envelope(429, message, code="queue_full"), "status": 429}
+            return
+        except NeverFits as exc:
+            message = f"This request can never fit the server's KV cache: {exc}. Lower max_tokens or the prompt."
+            yield {"error": envelope(400, message, param="max_tokens", code="kv_cache_exceeded"), "status": 400}
             return
         self.streams[uid] = stream
         yield {"accepted": True}

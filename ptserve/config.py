@@ -71,6 +71,7 @@ class ServerSettings(_Section):
     cors_origins: list[str] = []
     max_concurrent_sequences: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=1)
+    kv_cache_gb: float | None = Field(None, gt=0)
 
     @field_validator("host")
     @classmethod

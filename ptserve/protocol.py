@@ -58,6 +58,7 @@ class ChatCompletionRequest(_Wire):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)  # extension (vLLM, TGI): 0 = off
     n: int | None = Field(None, ge=1, le=1)
     seed: int | None = None
     stop: StopString | list[StopString] | None = None
@@ -87,6 +88,7 @@ class ChatCompletionRequest(_Wire):
             max_tokens=max_tokens,
             temperature=self.temperature if self.temperature is not None else defaults.temperature,
             top_p=self.top_p if self.top_p is not None else defaults.top_p,
+            top_k=self.top_k if self.top_k is not None else 0,
             seed=self.seed,
         )
 

@@ -167,7 +167,7 @@ def test_cancel_and_queue_limit(loaded, tokenizer):
             finish = out.finish_reason
         return first_finish, seen, tokens, finish
 
-    engine = Engine(loaded.model, loaded.max_context_length, max_queued=1).start()
+    engine = Engine(loaded.model, loaded.max_context_length, max_queued=1, max_seqs=1).start()
     try:
         finish_long, seen, tokens, finish = asyncio.run(scenario(engine))
     finally:

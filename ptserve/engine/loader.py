@@ -86,6 +86,19 @@ def context_length(config: Config, model_config) -> int:
     return wanted
 
 
+CPU_KV_CACHE_GB = 4.0  # the KV budget on the CPU when config leaves it to us
+GPU_KV_FRACTION = 0.85  # of the memory free after loading the weights (the rest: activations, allocator)
+
+
+def kv_cache_bytes(config: Config, device: torch.device) -> int:
+    if config.server.kv_cache_gb is not None:
+        return int(config.server.kv_cache_gb * 1e9)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_KV_FRACTION)
+    return int(CPU_KV_CACHE_GB * 1e9)
+
+
 def load_model_config(config: Config):
     from transformers import AutoConfig
 

@@ -18,6 +18,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
@@ -51,6 +52,14 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
 
 
+def top_k_filter(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Keep each row's k largest logits (k <= 0: keep all). logits: [B, V]."""
+    vocab = logits.shape[-1]
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (ks - 1).unsqueeze(-1))  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
@@ -62,7 +71,10 @@ def sample(
         return out
     temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
     top_ps = torch.tensor([params[i].top_p for i in rows], device=logits.device)
-    probs = torch.softmax(logits[rows] / temps.unsqueeze(-1), dim=-1)
+    scaled = logits[rows] / temps.unsqueeze(-1)
+    if any(params[i].top_k > 0 for i in rows):
+        scaled = top_k_filter(scaled, [params[i].top_k for i in rows])
+    probs = torch.softmax(scaled, dim=-1)
     if (top_ps < 1.0).any():
         probs = top_p_filter(probs, top_ps)
     for j, i in enumerate(rows):

@@ -1,16 +1,23 @@
-"""The engine: token ids and sampling settings in, an async stream of token ids with a finish reason out.
+"""The engine: continuous batching at token granularity.
 
-Contract (what the API layer relies on, and what the continuous-batching scheduler keeps):
+Contract (what the API layer relies on):
 - `Engine.submit(prompt_ids, params)` returns a `GenerationStream` at once, or raises `EngineFull`
-  when `max_queued` requests already wait.
-- `async for out in stream` yields `StepOutput(token_ids, finish_reason)`: every token id that was
-  produced since the last read (coalesced), and a finish reason on the last one: "stop" (an EOS id),
+  when `max_queued` requests already wait, or `NeverFits` when the request could never fit the KV
+  cache budget.
+- `async for out in stream` yields `StepOutput(token_ids, finish_reason)`: every token id produced
+  since the last read (coalesced), and a finish reason on the last one: "stop" (an EOS id),
   "length" (max_tokens or the context window), "abort" (cancelled) or "error" (`stream.error` says
   what failed; the engine keeps serving the others).
-- `stream.cancel()` from any thread: the sequence leaves the engine at its next step.
-- Requests never mix: each stream sees only its own tokens.
+- `stream.cancel()` from any thread: the sequence leaves the batch at the next step.
+- Requests never mix: each row has its own cache slot, positions, sampling settings and RNG.
 
-This engine runs one sequence at a time on its own thread, in arrival order; the rest wait.
+One engine thread loops:
+  1. admit   waiting requests become a prefill group (up to max_seqs rows, within the KV budget)
+  2. prefill the group in one padded forward pass (a long prompt alone goes in chunks, one per
+             iteration, so running streams keep getting tokens); finished groups join the batch
+  3. decode  one token for every running row in one forward pass, each row at its own position
+  4. retire  finished and cancelled rows leave; their slot goes to the last row
+and sleeps on the queue when there is nothing to do (no busy polling).
 """
 
 from __future__ import annotations
@@ -26,13 +33,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ptserve.engine.kvcache import SlotKVCache, attention_mask
 from ptserve.engine.sampling import SamplingParams, make_generator, sample
 
 logger = logging.getLogger(__name__)
 
+PREFILL_CHUNK_TOKENS = 512  # prompt tokens per prefill pass: bounds how long running streams wait
+
 
 class EngineFull(Exception):
     """Too many requests are waiting; retry later."""
+
+
+class NeverFits(Exception):
+    """The request needs more KV cache than the whole budget."""
 
 
 @dataclass
@@ -88,19 +102,64 @@ class GenerationStream:
                 yield StepOutput(ids)
 
 
+@dataclass
+class _Row:
+    """Per-sequence state; its index in `Engine._rows` is its cache slot."""
+
+    stream: GenerationStream
+    generator: torch.Generator | None
+    budget: int  # tokens it may generate (max_tokens, capped by the context window)
+    prefilled: int = 0  # prompt tokens already in the cache
+    length: int = 0  # tokens in the cache
+    last_token: int = -1
+    generated: int = 0
+    finish: str | None = None
+
+    @property
+    def reserve(self) -> int:
+        return len(self.stream.prompt_ids) + self.budget
+
+
 class Engine:
-    def __init__(self, model, max_context_length: int, max_queued: int = 256):
+    def __init__(
+        self,
+        model,
+        max_context_length: int,
+        max_queued: int = 256,
+        max_seqs: int = 64,
+        kv_budget_bytes: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK_TOKENS,
+    ):
         self.model = model
         self.device = next(model.parameters()).device
         self.max_context_length = max_context_length
         self.max_queued = max_queued
+        self.max_seqs = max_seqs
+        self.prefill_chunk = prefill_chunk
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.kv_dtype = model.get_input_embeddings().weight.dtype
+        if self.kv_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            self.kv_dtype = torch.bfloat16
+        layout = (cfg.num_hidden_layers, kv_heads, head_dim, self.kv_dtype, self.device)
+        self.cache = SlotKVCache(*layout)
+        self._prefill_cache = SlotKVCache(*layout)
+        self.bytes_per_token = SlotKVCache.bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, self.kv_dtype)
+        # Padded rows: the batch holds rows x (longest reservation) positions; the budget caps that.
+        full = max_seqs * max_context_length
+        self.kv_budget_tokens = min(full, kv_budget_bytes // self.bytes_per_token) if kv_budget_bytes else full
+        self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        # transformers 5.24 renamed forward(past_key_values=) to forward(cache=); accept both.
+        params = inspect.signature(self._base.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
+        self._held: deque[GenerationStream] = deque()  # taken off the queue, not yet admitted
+        self._rows: list[_Row] = []  # running (decoding) rows, in cache-slot order
+        self._group: list[_Row] = []  # the prefill group in progress
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        self.running = 0  # sequences being decoded now (0 or 1 here)
-        # transformers 5.24 renamed forward(past_key_values=) to forward(cache=); accept both.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._stopping = False
 
     # -- public API ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -109,69 +168,191 @@ class Engine:
         return self
 
     def shutdown(self) -> None:
+        self._stopping = True
         self._waiting.put(None)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
-        if self._waiting.qsize() >= self.max_queued:
-            raise EngineFull(f"{self._waiting.qsize()} requests are already waiting (max_queued_requests)")
+        need = min(len(prompt_ids) + params.max_tokens, self.max_context_length)
+        if need > self.kv_budget_tokens:
+            raise NeverFits(
+                f"the request needs {need} tokens of KV cache ({len(prompt_ids)} prompt + up to "
+                f"{params.max_tokens} completion) but the whole cache holds {self.kv_budget_tokens}"
+            )
+        if self.queued >= self.max_queued:
+            raise EngineFull(f"{self.queued} requests are already waiting (max_queued_requests={self.max_queued})")
         stream = GenerationStream(next(self._ids), list(prompt_ids), params, asyncio.get_running_loop())
         self._waiting.put(stream)
         return stream
 
     @property
     def queued(self) -> int:
-        return self._waiting.qsize()
+        return self._waiting.qsize() + len(self._held)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows) + len(self._group)
 
     # -- engine thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            stream = self._waiting.get()
-            if stream is None:
-                return
-            if stream.cancelled.is_set():
-                stream._publish(None, "abort")
-                continue
-            self.running = 1
+        while not self._stopping:
             try:
-                self._generate(stream)
-            except Exception as exc:  # one bad sequence must not take the engine down
-                logger.exception("generation failed for request %d", stream.request_id)
-                stream.error = f"{type(exc).__name__}: {exc}"
-                stream._publish(None, "error")
-            finally:
-                self.running = 0
+                if not self._take_arrivals(block=not (self._rows or self._group or self._held)):
+                    break
+                with torch.inference_mode():
+                    self._admit()
+                    if self._group:
+                        self._prefill_step()
+                    if self._rows:
+                        self._decode_step()
+                    self._retire()
+                if not (self._rows or self._group):
+                    self.cache.release()
+            except Exception as exc:  # a failed step fails the rows in it, not the engine
+                logger.exception("engine step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
 
-    @torch.inference_mode()
-    def _generate(self, stream: GenerationStream) -> None:
-        from transformers import DynamicCache
+    def _take_arrivals(self, block: bool) -> bool:
+        """Move queued streams to `_held`; False on shutdown."""
+        try:
+            item = self._waiting.get(block=block)
+            while True:
+                if item is None:
+                    return False
+                self._held.append(item)
+                item = self._waiting.get_nowait()
+        except queue.Empty:
+            return True
 
-        params = stream.params
-        generator = make_generator(params, self.device)
-        cache = DynamicCache(config=self.model.config)
-        # 1. prefill: input_ids [1, P] -> logits for the last position [1, V]
-        input_ids = torch.tensor([stream.prompt_ids], device=self.device)
-        room = self.max_context_length - len(stream.prompt_ids)
-        budget = min(params.max_tokens, room)
-        stops = set(params.stop_token_ids)
-        generated = 0
-        while True:
+    # 1. admit ------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self._held and self._held[0].cancelled.is_set():
+            self._held.popleft()._publish(None, "abort")
+        if self._group or not self._held:
+            return
+        tokens = 0
+        longest = max((r.reserve for r in self._rows), default=0)
+        while self._held and self.running + len(self._group) < self.max_seqs:
+            stream = self._held[0]
             if stream.cancelled.is_set():
-                stream._publish(None, "abort")
-                return
-            kwargs = {self._cache_kwarg: cache}
-            logits = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs).logits
-            # 2. sample one token per row: [1, V] -> [1]
-            token = sample(logits[:, -1, :], [params], [generator])
-            token_id = int(token[0])
-            generated += 1
-            # 3. retire or continue
-            if token_id in stops:
-                stream._publish(token_id, "stop")
-                return
-            if generated >= budget:
-                stream._publish(token_id, "length")
-                return
-            stream._publish(token_id, None)
-            input_ids = token.view(1, 1)
+                self._held.popleft()._publish(None, "abort")
+                continue
+            prompt = len(stream.prompt_ids)
+            room = self.max_context_length - prompt
+            row = _Row(stream, make_generator(stream.params, self.device), min(stream.params.max_tokens, room))
+            rows_after = len(self._rows) + len(self._group) + 1
+            if rows_after * max(longest, row.reserve) > self.kv_budget_tokens:
+                break  # waits until running rows leave
+            if self._group and tokens + prompt > self.prefill_chunk:
+                break  # next iteration's group
+            self._held.popleft()
+            self._group.append(row)
+            tokens += prompt
+            longest = max(longest, row.reserve)
+
+    # 2. prefill ----------------------------------------------------------------------------------------
+    def _prefill_step(self) -> None:
+        group = [r for r in self._group if not r.stream.cancelled.is_set()]
+        for r in self._group:
+            if r not in group:
+                r.stream._publish(None, "abort")
+        self._group = group
+        if not group:
+            return
+        # A group of one may be longer than a chunk: it goes in pieces, one per iteration.
+        chunks = [r.stream.prompt_ids[r.prefilled : r.prefilled + self.prefill_chunk] for r in group]
+        starts = torch.tensor([r.prefilled for r in group], device=self.device)
+        lengths = torch.tensor([len(c) for c in chunks], device=self.device)
+        q_len = int(lengths.max())
+        # input_ids: [n, Q] right-padded; positions: [n, Q]; mask: [n, 1, Q, end]
+        input_ids = torch.zeros((len(group), q_len), dtype=torch.long, device=self.device)
+        for i, chunk in enumerate(chunks):
+            input_ids[i, : len(chunk)] = torch.tensor(chunk, device=self.device)
+        hidden = self._forward(self._prefill_cache, 0, input_ids, starts, lengths)  # [n, Q, H]
+        for r, chunk in zip(group, chunks, strict=True):
+            r.prefilled += len(chunk)
+        if any(r.prefilled < len(r.stream.prompt_ids) for r in group):
+            return
+        # Prompt done: the first token of each row comes from its last prompt position.
+        last = hidden[torch.arange(len(group), device=self.device), lengths - 1]  # [n, H]
+        tokens = self._sample(last, group)
+        first = len(self._rows)
+        longest = max(len(r.stream.prompt_ids) for r in group)
+        self.cache.ensure(first + len(group), longest)
+        self.cache.copy_rows_from(self._prefill_cache, 0, first, len(group), longest)
+        for r, token in zip(group, tokens, strict=True):
+            r.length = len(r.stream.prompt_ids)
+            self._emit(r, token)
+        self._rows.extend(group)
+        self._group = []
+
+    # 3. decode ----------------------------------------------------------------------------------------
+    def _decode_step(self) -> None:
+        rows = self._rows
+        live = [r for r in rows if r.finish is None]
+        if not live:
+            return
+        # Every row runs (slots are contiguous); finished ones are dropped right after, in _retire.
+        input_ids = torch.tensor([[r.last_token] for r in rows], device=self.device)  # [B, 1]
+        starts = torch.tensor([r.length for r in rows], device=self.device)  # [B] position of the new token
+        ones = torch.ones(len(rows), dtype=torch.long, device=self.device)
+        hidden = self._forward(self.cache, 0, input_ids, starts, ones)  # [B, 1, H]
+        tokens = self._sample(hidden[:, -1], rows)
+        for r, token in zip(rows, tokens, strict=True):
+            if r.finish is None:
+                r.length += 1
+                self._emit(r, token)
+
+    # 4. retire ----------------------------------------------------------------------------------------
+    def _retire(self) -> None:
+        i = 0
+        while i < len(self._rows):
+            r = self._rows[i]
+            if r.finish is None and r.stream.cancelled.is_set():
+                r.finish = "abort"
+                r.stream._publish(None, "abort")
+            if r.finish is None:
+                i += 1
+                continue
+            last = len(self._rows) - 1
+            if i != last:
+                self.cache.move_row(last, i)
+                self._rows[i] = self._rows[last]
+            self._rows.pop()
+
+    # -- shared pieces ------------------------------------------------------------------------------------
+    def _forward(self, cache: SlotKVCache, first: int, input_ids, starts, lengths) -> torch.Tensor:
+        positions, end = cache.prepare(first, starts, input_ids.shape[1])
+        mask = attention_mask(starts, lengths, input_ids.shape[1], end, self.kv_dtype)
+        out = self._base(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        return out.last_hidden_state
+
+    def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> list[int]:
+        logits = self.model.lm_head(hidden)  # [n, V]
+        return sample(logits, [r.stream.params for r in rows], [r.generator for r in rows]).tolist()
+
+    def _emit(self, row: _Row, token: int) -> None:
+        row.generated += 1
+        row.last_token = token
+        if row.stream.cancelled.is_set():
+            row.finish = "abort"
+        elif token in row.stream.params.stop_token_ids:
+            row.finish = "stop"
+        elif row.generated >= row.budget:
+            row.finish = "length"
+        row.stream._publish(None if row.finish == "abort" else token, row.finish)
+
+    def _fail_all(self, message: str) -> None:
+        for r in self._rows + self._group:
+            if r.finish is None:
+                r.stream.error = message
+                r.stream._publish(None, "error")
+        self._rows, self._group = [], []
+        self.cache.release()
