@@ -198,3 +198,118 @@ def test_bitsandbytes_quantizes_on_cpu_and_answers(tiny_model_dir, tokenizer, lo
 def test_sampling_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SamplingParams(1).max_tokens = 2
+
+
+# -- continuous batching ------------------------------------------------------------------------------
+def sixteen_jobs(tokenizer):
+    """16 prompts of different lengths, each with its own max_tokens."""
+    jobs = []
+    for i in range(16):
+        text = "Olá " * (1 + 3 * i) + f"pergunta {i}?"
+        ids = encode_prompt(tokenizer, render_messages([ChatMessage(role="user", content=text)], ""))
+        jobs.append((ids, SamplingParams(6 + 2 * (i % 5), temperature=0.0)))
+    return jobs
+
+
+def test_greedy_tokens_identical_alone_and_among_16(loaded, tokenizer):
+    # bf16 on the CPU: rows of one batch matmul reduce the same way as alone, so this holds in the
+    # model's own dtype; no float32 fallback is needed.
+    jobs = sixteen_jobs(tokenizer)
+    assert len({len(ids) for ids, _ in jobs}) == 16
+    engine = Engine(loaded.model, loaded.max_context_length, max_seqs=16).start()
+    try:
+        alone = [run_engine(engine, [job])[0] for job in jobs]
+        together = run_engine(engine, jobs)
+        reversed_order = run_engine(engine, jobs[::-1])[::-1]
+    finally:
+        engine.shutdown()
+    assert together == alone
+    assert reversed_order == alone
+    assert [len(t) for t, _ in alone] == [p.max_tokens for _, p in jobs]
+
+
+def test_requests_join_and_leave_a_running_batch(loaded, tokenizer):
+    """Late arrivals join at the next step; early finishers leave; nobody's tokens change."""
+    jobs = sixteen_jobs(tokenizer)
+    engine = Engine(loaded.model, loaded.max_context_length, max_seqs=4, prefill_chunk=64).start()
+
+    async def staggered():
+        async def one(k, ids, params):
+            await asyncio.sleep(0.002 * k)
+            tokens = []
+            async for out in engine.submit(ids, params):
+                tokens += out.token_ids
+            return tokens
+
+        return await asyncio.gather(*(one(k, ids, p) for k, (ids, p) in enumerate(jobs)))
+
+    try:
+        alone = [run_engine(engine, [job])[0][0] for job in jobs]
+        mixed = asyncio.run(staggered())
+    finally:
+        engine.shutdown()
+    assert mixed == alone
+
+
+def test_long_prompt_is_prefilled_in_chunks(loaded, tokenizer):
+    ids = encode_prompt(tokenizer, render_messages([ChatMessage(role="user", content="Olá mundo " * 80)], ""))
+    params = SamplingParams(5, temperature=0.0)
+    assert len(ids) > 3 * 64
+    whole = Engine(loaded.model, loaded.max_context_length).start()
+    chunked = Engine(loaded.model, loaded.max_context_length, prefill_chunk=64).start()
+    try:
+        [(in_chunks, _)] = run_engine(chunked, [(ids, params)])
+        [(at_once, _)] = run_engine(whole, [(ids, params)])
+    finally:
+        whole.shutdown()
+        chunked.shutdown()
+    assert in_chunks == at_once == hf_greedy(loaded.model, ids, 5)
+
+
+def test_per_request_sampling_in_one_batch(loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+    engine = Engine(loaded.model, loaded.max_context_length).start()
+    jobs = [
+        (ids, SamplingParams(8, temperature=0.0)),
+        (ids, SamplingParams(8, temperature=1.5, top_k=1)),  # top_k=1 is greedy whatever the temperature
+        (ids, SamplingParams(8, temperature=1.0, seed=5)),
+        (ids, SamplingParams(8, temperature=1.0, top_p=0.5, seed=5)),
+        (ids, SamplingParams(3, temperature=1.0, seed=9)),
+    ]
+    try:
+        together = run_engine(engine, jobs)
+        alone = [run_engine(engine, [job])[0] for job in jobs]
+    finally:
+        engine.shutdown()
+    assert together == alone
+    assert together[0] == together[1]
+    assert len(together[4][0]) == 3
+
+
+def test_kv_budget_admits_what_fits_and_refuses_what_never_can(loaded, tokenizer):
+    from ptserve.engine.scheduler import NeverFits
+
+    ids = prompt_ids(tokenizer)
+    per_seq = len(ids) + 8
+    probe = Engine(loaded.model, 2048)
+    # room for two such sequences at once: the other three wait for a slot, none is refused
+    engine = Engine(loaded.model, 2048, kv_budget_bytes=2 * per_seq * probe.bytes_per_token).start()
+    assert engine.kv_budget_tokens == 2 * per_seq
+
+    async def scenario():
+        with pytest.raises(NeverFits, match="whole cache holds"):
+            engine.submit(ids, SamplingParams(2 * per_seq, temperature=0.0))
+        streams = [engine.submit(ids, SamplingParams(8, temperature=0.0)) for _ in range(5)]
+        results = []
+        for s in streams:
+            tokens = []
+            async for out in s:
+                tokens += out.token_ids
+            results.append(tokens)
+        return results
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert all(r == results[0] and len(r) == 8 for r in results)
