@@ -254,7 +254,7 @@ class ChatAPI(ls.LitAPI):
             if stream is not None:
                 stream.cancel()
             return
-        params = dataclasses.replace(job.params, stop_token_ids=self.eos_token_ids)
+        params = dataclasses.replace(job.params, stop_token_ids=() if job.ignore_eos else self.eos_token_ids)
         try:
             stream = self.engine.submit(job.prompt_ids, params)
         except EngineFull as exc:

@@ -26,6 +26,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     stop: list[str]
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -53,4 +54,4 @@ class Frontend:
             len(prompt_ids), request.requested_max_tokens(), self.config.generation.max_tokens, self.context_length
         )
         params = request.to_sampling_params(self.config.generation, max_tokens)
-        return PreparedChat(request, Job(prompt_ids, params, request.stop_strings()))
+        return PreparedChat(request, Job(prompt_ids, params, request.stop_strings(), bool(request.ignore_eos)))

@@ -59,6 +59,7 @@ class ChatCompletionRequest(_Wire):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)  # extension (vLLM, TGI): 0 = off
+    ignore_eos: bool | None = None  # extension (vLLM): generate through EOS tokens, up to max_tokens
     n: int | None = Field(None, ge=1, le=1)
     seed: int | None = None
     stop: StopString | list[StopString] | None = None

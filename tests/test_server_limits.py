@@ -1,6 +1,8 @@
 """Tier 3: batching limits over HTTP: a full queue gets 429 with Retry-After, a request that could never
 fit the KV cache gets 400, a client that disconnects frees its slot; the server keeps serving."""
 
+import time
+
 import httpx
 import pytest
 
@@ -14,6 +16,7 @@ URL = "/v1/chat/completions"
 
 def body(max_tokens, stream=False):
     return {
+        "ignore_eos": True,  # the random model may emit an EOS id early; these requests must run long
         "model": "m",
         "messages": [{"role": "user", "content": "Olá"}],
         "max_tokens": max_tokens,
@@ -43,7 +46,8 @@ def test_full_queue_gets_429_with_retry_after(narrow_server):
     base = narrow_server.base_url
     with httpx.Client(base_url=base, timeout=60) as client:
         with client.stream("POST", URL, json=body(1800, stream=True)) as running:
-            next(running.iter_lines())  # the first sequence holds the only slot
+            lines = running.iter_lines()  # keep a reference: a collected iterator closes the stream
+            next(lines)  # the first sequence holds the only slot
             with client.stream("POST", URL, json=body(3, stream=True)) as waiting:
                 assert waiting.status_code == 200  # accepted: it waits in the queue
                 refused = client.post(URL, json=body(3))
@@ -52,8 +56,12 @@ def test_full_queue_gets_429_with_retry_after(narrow_server):
                 validate(refused.json(), "ErrorResponse")
                 assert refused.json()["error"]["type"] == "rate_limit_error"
                 assert refused.json()["error"]["code"] == "queue_full"
-            # closing both streams cancels them: the next request gets the slot
-        answer = client.post(URL, json=body(3))
+            # closing both streams cancels them (asynchronously): a client that honours Retry-After gets in
+        for _ in range(5):
+            answer = client.post(URL, json=body(3))
+            if answer.status_code != 429:
+                break
+            time.sleep(float(answer.headers["retry-after"]))
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
 
 

@@ -1,0 +1,209 @@
+"""Serving benchmark: ptserve side by side with a peer server, same model, same requests, same run.
+
+    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--peer transformers|none] [--out FILE]
+
+Builds (once) a random-weight Phi-3 of hidden 512, 8 layers, 8 heads, intermediate 1408 (26M
+parameters) in bench/out/, starts each server on loopback, drives N concurrent streaming requests
+through the OpenAI API, and reports aggregate output tok/s, TTFT p50/p99 and inter-token latency p50
+per level, then ptserve / peer ratios. Output token counts come from the servers' usage numbers when
+they send them, else from counting content chunks. A benchmark, not a test: nothing here asserts time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "out"
+SHAPE = dict(hidden=512, layers=8, heads=8, intermediate=1408)
+SYSTEM = "Você é um assistente virtual prestativo."
+
+
+def build_model(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        sys.path.insert(0, str(ROOT))
+        from ptserve.tinymodel import TinyShape, build
+
+        build(path, TinyShape(**SHAPE))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None):
+        self.name, self.port = name, port
+        self.log = open(OUT / f"{name}.log", "wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def wait(self, timeout=300):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log.name}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> dict:
+    body = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Pergunta {i}: " + "conte uma história " * (1 + i % 4)},
+        ],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    first = last = None
+    chunks, usage = 0, None
+    async with client.stream("POST", url, json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = data["usage"]
+            for choice in data.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    chunks += 1
+    tokens = usage["completion_tokens"] if usage else chunks
+    return {"sent": sent, "first": first, "last": last, "tokens": tokens}
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+async def run_level(port: int, model: str, n: int, max_tokens: int) -> dict:
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_request(client, url, model, 0, 8)  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, url, model, i, max_tokens) for i in range(n)))
+        wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["first"] - r["sent"] for r in results if r["first"]]
+    itl = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in results if r["first"] and r["tokens"] > 1]
+    return {
+        "concurrency": n,
+        "output_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": round(1000 * pct(ttft, 0.5), 1),
+        "ttft_p99_ms": round(1000 * pct(ttft, 0.99), 1),
+        "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None,
+    }
+
+
+def bench(server: Server, model: str, levels: list[int], max_tokens: int) -> list[dict]:
+    server.wait()
+    try:
+        rows = []
+        for n in levels:
+            row = asyncio.run(run_level(server.port, model, n, max_tokens))
+            print(f"  {server.name:13s} {json.dumps(row)}", flush=True)
+            rows.append(row)
+        return rows
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--levels", default="1,16,64")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
+    parser.add_argument("--model-dir", type=Path, default=OUT / "phi3-26m")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    levels = [int(x) for x in args.levels.split(",")]
+    model_dir = build_model(args.model_dir)
+    py = sys.executable
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "model": SHAPE,
+        "max_tokens": args.max_tokens,
+    }
+
+    port = free_port()
+    print("ptserve", flush=True)
+    ours = Server(
+        "ptserve",
+        [py, "server.py", "--model", str(model_dir), "--port", str(port)],
+        port,
+        env={"PTSERVE_SERVER_MAX_CONCURRENT_SEQUENCES": str(max(levels))},
+    )
+    results["ptserve"] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens)
+
+    if args.peer == "transformers":
+        port = free_port()
+        print("transformers serve --continuous-batching", flush=True)
+        cli = str(Path(py).with_name("transformers"))
+        peer = Server(
+            "transformers",
+            [cli, "serve", str(model_dir), "--device", "cpu", "--continuous-batching", "--port", str(port)],
+            port,
+        )
+        results["transformers"] = bench(peer, str(model_dir), levels, args.max_tokens)
+        print("\nratios ptserve / transformers serve")
+        for a, b in zip(results["ptserve"], results["transformers"], strict=True):
+            print(
+                f"  {a['concurrency']:3d} streams: tok/s x{a['tok_per_s'] / b['tok_per_s']:.2f}, "
+                f"TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, ITL p50 {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms"
+            )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
