@@ -198,7 +198,8 @@ def main() -> None:
         for a, b in zip(results["ptserve"], results["transformers"], strict=True):
             print(
                 f"  {a['concurrency']:3d} streams: tok/s x{a['tok_per_s'] / b['tok_per_s']:.2f}, "
-                f"TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, ITL p50 {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms"
+                f"TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
+                f"ITL p50 {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms"
             )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
