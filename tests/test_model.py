@@ -211,9 +211,12 @@ def sixteen_jobs(tokenizer):
     return jobs
 
 
-def test_greedy_tokens_identical_alone_and_among_16(loaded, tokenizer):
-    # bf16 on the CPU: rows of one batch matmul reduce the same way as alone, so this holds in the
-    # model's own dtype; no float32 fallback is needed.
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_greedy_tokens_identical_alone_and_among_16(tiny_model_dir, tokenizer, dtype):
+    # Holds in bf16 too on this CPU: a row's matmul reduces the same way alone or in a batch here.
+    overrides = {("model", "id"): str(tiny_model_dir), ("model", "dtype"): dtype}
+    loaded = loader.load(load_config(None, environ={}, overrides=overrides))
+    assert str(loaded.model.dtype) == f"torch.{dtype}"
     jobs = sixteen_jobs(tokenizer)
     assert len({len(ids) for ids, _ in jobs}) == 16
     engine = Engine(loaded.model, loaded.max_context_length, max_seqs=16).start()

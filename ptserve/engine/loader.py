@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,26 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are native only with AVX512-BF16 or AMX; elsewhere PyTorch emulates them, and on
+    this project's 2-core AMD EPYC (AVX2) a batch-16 decode step took 108 ms in bf16 vs 57 ms in float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(config: Config, device: torch.device):
+    """`auto` keeps the checkpoint's dtype (bf16 for Phi-3.5) except on a CPU without native bf16,
+    where float32 is the fast one."""
+    if config.model.dtype != "auto":
+        return _DTYPES[config.model.dtype]
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        return torch.float32
+    return "auto"
 
 
 def _hub_kwargs(config: Config) -> dict:
@@ -111,12 +132,14 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
 
     device = resolve_device(config.model.device if config.model.device != "auto" or device is None else device)
     quant = quantization_config(config)
-    dtype = _DTYPES.get(config.model.dtype, "auto")  # auto: the dtype the checkpoint was saved in
+    dtype = resolve_dtype(config, device)
     kwargs = dict(_hub_kwargs(config), dtype=dtype, attn_implementation=config.model.attn_implementation)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}
-    logger.info("loading %s (quantization %s) on %s", config.model.id, config.quantization.mode, device)
+    logger.info(
+        "loading %s (quantization %s) on %s, dtype %s", config.model.id, config.quantization.mode, device, dtype
+    )
     model = AutoModelForCausalLM.from_pretrained(config.model.id, **kwargs)
     if quant is None:
         model.to(device)
