@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo-model
 PORT ?= 8000
 
-.PHONY: install serve test demo lint format clean
+.PHONY: install serve test demo bench lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: install
 demo: install
 	test -f $(DEMO_DIR)/config.json || $(PY) -m ptserve.tinymodel $(DEMO_DIR) --hidden 256 --layers 4 --heads 8 --intermediate 704
 	$(PY) server.py --config config.yaml --model $(DEMO_DIR) --port $(PORT)
+
+# Serving benchmark against `transformers serve --continuous-batching` on a 26M random-weight Phi-3.
+bench: install
+	$(PY) bench/serve.py --out bench/out/results.json
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -7,6 +7,7 @@ python server.py [--config PATH] [--model ID_OR_DIR] [--port N] [--host H] [--ap
 import argparse
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the API server forks after loading the tokenizer
@@ -21,6 +22,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (server.api_key)")
     parser.add_argument("--quantization", choices=["none", "4bit", "8bit"], help="quantization.mode")
     return parser.parse_args(argv)
+
+
+_MAIN_PID = os.getpid()
+
+
+def _interrupt(signum, frame):
+    if os.getpid() != _MAIN_PID:  # a forked API-server process inherited this: default behaviour there
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt  # LitServe's graceful shutdown path
 
 
 def main(argv=None) -> int:
@@ -43,6 +55,10 @@ def main(argv=None) -> int:
         print(f"ptserve: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("ptserve").info("settings that differ from the defaults: %s", config.non_defaults())
+    # SIGTERM (docker stop, Kubernetes) and SIGINT (even when a shell started us in the background with
+    # SIGINT ignored) both shut down gracefully.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     from ptserve.api import run
 
     try:

@@ -5,8 +5,11 @@
 Builds (once) a random-weight Phi-3 of hidden 512, 8 layers, 8 heads, intermediate 1408 (26M
 parameters) in bench/out/, starts each server on loopback, drives N concurrent streaming requests
 through the OpenAI API, and reports aggregate output tok/s, TTFT p50/p99 and inter-token latency p50
-per level, then ptserve / peer ratios. Output token counts come from the servers' usage numbers when
-they send them, else from counting content chunks. A benchmark, not a test: nothing here asserts time.
+per level, then ptserve / peer ratios. Output token counts come from the servers' usage numbers
+(`stream_options.include_usage`); for a server that sends none, a request that ended by length counts
+max_tokens, and one that stopped early counts its text re-tokenized (approximate, flagged in the
+output). TTFT is the time to the first chunk with visible content. A benchmark, not a test: nothing
+here asserts time.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class Server:
         self.log.close()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int, count_tokens) -> dict:
     body = {
         "model": model,
         "messages": [
@@ -97,7 +100,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, m
     }
     sent = time.perf_counter()
     first = last = None
-    chunks, usage = 0, None
+    usage, finish, text = None, None, []
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -107,13 +110,19 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, m
             if data.get("usage"):
                 usage = data["usage"]
             for choice in data.get("choices") or []:
+                finish = choice.get("finish_reason") or finish
                 if (choice.get("delta") or {}).get("content"):
                     now = time.perf_counter()
                     first = first or now
                     last = now
-                    chunks += 1
-    tokens = usage["completion_tokens"] if usage else chunks
-    return {"sent": sent, "first": first, "last": last, "tokens": tokens}
+                    text.append(choice["delta"]["content"])
+    if usage:
+        tokens, exact = usage["completion_tokens"], True
+    elif finish == "length":
+        tokens, exact = max_tokens, True
+    else:  # a server that sends no usage and stopped early: count the text's tokens (approximate)
+        tokens, exact = count_tokens("".join(text)), False
+    return {"sent": sent, "first": first, "last": last, "tokens": tokens, "exact": exact, "finish": finish}
 
 
 def pct(values, q):
@@ -121,13 +130,15 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-async def run_level(port: int, model: str, n: int, max_tokens: int) -> dict:
+async def run_level(port: int, model: str, n: int, max_tokens: int, count_tokens) -> dict:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, url, model, 0, 8)  # warm-up
+        await one_request(client, url, model, 0, 8, count_tokens)  # warm-up
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, url, model, i, max_tokens) for i in range(n)))
+        results = await asyncio.gather(
+            *(one_request(client, url, model, i, max_tokens, count_tokens) for i in range(n))
+        )
         wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["first"] - r["sent"] for r in results if r["first"]]
@@ -140,15 +151,17 @@ async def run_level(port: int, model: str, n: int, max_tokens: int) -> dict:
         "ttft_p50_ms": round(1000 * pct(ttft, 0.5), 1),
         "ttft_p99_ms": round(1000 * pct(ttft, 0.99), 1),
         "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None,
+        "stopped_early": sum(r["finish"] != "length" for r in results),
+        "token_counts_exact": all(r["exact"] for r in results),
     }
 
 
-def bench(server: Server, model: str, levels: list[int], max_tokens: int) -> list[dict]:
+def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_tokens) -> list[dict]:
     server.wait()
     try:
         rows = []
         for n in levels:
-            row = asyncio.run(run_level(server.port, model, n, max_tokens))
+            row = asyncio.run(run_level(server.port, model, n, max_tokens, count_tokens))
             print(f"  {server.name:13s} {json.dumps(row)}", flush=True)
             rows.append(row)
         return rows
@@ -167,6 +180,13 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.levels.split(",")]
     model_dir = build_model(args.model_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     py = sys.executable
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -182,7 +202,7 @@ def main() -> None:
         port,
         env={"PTSERVE_SERVER_MAX_CONCURRENT_SEQUENCES": str(max(levels))},
     )
-    results["ptserve"] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens)
+    results["ptserve"] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens)
 
     if args.peer == "transformers":
         port = free_port()
@@ -193,7 +213,7 @@ def main() -> None:
             [cli, "serve", str(model_dir), "--device", "cpu", "--continuous-batching", "--port", str(port)],
             port,
         )
-        results["transformers"] = bench(peer, str(model_dir), levels, args.max_tokens)
+        results["transformers"] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens)
         print("\nratios ptserve / transformers serve")
         for a, b in zip(results["ptserve"], results["transformers"], strict=True):
             print(

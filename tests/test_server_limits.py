@@ -1,6 +1,7 @@
 """Tier 3: batching limits over HTTP: a full queue gets 429 with Retry-After, a request that could never
 fit the KV cache gets 400, a client that disconnects frees its slot; the server keeps serving."""
 
+import subprocess
 import time
 
 import httpx
@@ -27,12 +28,12 @@ def body(max_tokens, stream=False):
 
 @pytest.fixture(scope="module")
 def narrow_server(tiny_model_dir, tmp_path_factory):
-    """One sequence at a time, one waiting, and a KV cache of 1953 tokens (512 bytes per token)."""
+    """One sequence at a time, one waiting, and a KV cache of 1953 tokens (1024 bytes per token in float32)."""
     tmp = tmp_path_factory.mktemp("narrow")
     config = tmp / "config.yaml"
     config.write_text(
-        f"model:\n  id: {tiny_model_dir}\n"
-        "server:\n  max_concurrent_sequences: 1\n  max_queued_requests: 1\n  kv_cache_gb: 0.001\n"
+        f"model:\n  id: {tiny_model_dir}\n  dtype: float32\n"
+        "server:\n  max_concurrent_sequences: 1\n  max_queued_requests: 1\n  kv_cache_gb: 0.002\n"
     )
     srv = RunningServer(["--config", str(config)], log_path=tmp / "server.log")
     try:
@@ -74,3 +75,23 @@ def test_request_that_never_fits_the_kv_cache_gets_400(narrow_server):
     assert "whole cache holds 1953" in error["message"]
     ok = httpx.post(narrow_server.base_url + URL, json=body(5), timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
+
+
+def test_sigterm_to_the_main_process_shuts_everything_down(tiny_model_dir, tmp_path):
+    import os
+    import signal
+
+    srv = RunningServer(["--model", str(tiny_model_dir)], log_path=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        os.kill(srv.proc.pid, signal.SIGTERM)  # what docker stop and Kubernetes send, to PID 1 only
+        assert srv.proc.wait(timeout=60) == 0
+        for _ in range(20):  # the API server and inference worker processes go too
+            leftovers = subprocess.run(["pgrep", "-s", str(srv.proc.pid)], capture_output=True, text=True).stdout
+            if not leftovers:
+                break
+            time.sleep(0.5)
+        assert leftovers == ""
+        assert "KeyboardInterrupt received. Initiating graceful shutdown." in srv.log_path.read_text()
+    finally:
+        srv.stop()
