@@ -3,7 +3,7 @@
     python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--peer transformers|none] [--out FILE]
 
 Builds (once) a random-weight Phi-3 of hidden 512, 8 layers, 8 heads, intermediate 1408 (26M
-parameters) in bench/out/, starts each server on loopback, drives N concurrent streaming requests
+parameters) in bench/out/ (EOS never wins greedy decoding there: see build_model), starts each server on loopback, drives N concurrent streaming requests
 through the OpenAI API, and reports aggregate output tok/s, TTFT p50/p99 and inter-token latency p50
 per level, then ptserve / peer ratios. Output token counts come from the servers' usage numbers
 (`stream_options.include_usage`); for a server that sends none, a request that ended by length counts
@@ -36,11 +36,22 @@ SYSTEM = "Você é um assistente virtual prestativo."
 
 
 def build_model(path: Path) -> Path:
+    """The 26M model, with the lm_head rows of the special tokens zeroed: their logit is then 0 while
+    the largest of the ~500 random others is positive, so greedy decoding never stops early and every
+    request of either server generates exactly max_tokens (what vLLM's benchmarks get from ignore_eos)."""
     if not (path / "config.json").exists():
         sys.path.insert(0, str(ROOT))
-        from ptserve.tinymodel import TinyShape, build
+        from safetensors.torch import load_file, save_file
+
+        from ptserve.tinymodel import SPECIAL_TOKENS, TinyShape, build
 
         build(path, TinyShape(**SHAPE))
+        from transformers import AutoTokenizer
+
+        special = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(SPECIAL_TOKENS)
+        weights = load_file(path / "model.safetensors")
+        weights["lm_head.weight"][special] = 0
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
 
@@ -174,6 +185,11 @@ def main() -> None:
     parser.add_argument("--levels", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
+    parser.add_argument(
+        "--peer-dtypes",
+        default="auto,float32",
+        help="transformers serve --dtype values to run: auto (the issue's command) and ptserve's CPU dtype",
+    )
     parser.add_argument("--model-dir", type=Path, default=OUT / "phi3-26m")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -205,22 +221,21 @@ def main() -> None:
     results["ptserve"] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens)
 
     if args.peer == "transformers":
-        port = free_port()
-        print("transformers serve --continuous-batching", flush=True)
         cli = str(Path(py).with_name("transformers"))
-        peer = Server(
-            "transformers",
-            [cli, "serve", str(model_dir), "--device", "cpu", "--continuous-batching", "--port", str(port)],
-            port,
-        )
-        results["transformers"] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens)
-        print("\nratios ptserve / transformers serve")
-        for a, b in zip(results["ptserve"], results["transformers"], strict=True):
-            print(
-                f"  {a['concurrency']:3d} streams: tok/s x{a['tok_per_s'] / b['tok_per_s']:.2f}, "
-                f"TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
-                f"ITL p50 {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms"
-            )
+        for dtype in args.peer_dtypes.split(","):
+            name = f"transformers-{dtype}"
+            port = free_port()
+            print(f"transformers serve --continuous-batching --dtype {dtype}", flush=True)
+            cmd = [cli, "serve", str(model_dir), "--device", "cpu", "--continuous-batching", "--dtype", dtype]
+            peer = Server(name, [*cmd, "--port", str(port)], port)
+            results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens)
+            print(f"\nratios ptserve / transformers serve --dtype {dtype}")
+            for a, b in zip(results["ptserve"], results[name], strict=True):
+                print(
+                    f"  {a['concurrency']:3d} streams: tok/s x{a['tok_per_s'] / b['tok_per_s']:.2f}, "
+                    f"TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
+                    f"ITL p50 {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms"
+                )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
