@@ -3,7 +3,8 @@
     python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--peer transformers|none] [--out FILE]
 
 Builds (once) a random-weight Phi-3 of hidden 512, 8 layers, 8 heads, intermediate 1408 (26M
-parameters) in bench/out/ (EOS never wins greedy decoding there: see build_model), starts each server on loopback, drives N concurrent streaming requests
+parameters) in bench/out/ (EOS never wins greedy decoding there: see build_model), starts each
+server on loopback, drives N concurrent streaming requests
 through the OpenAI API, and reports aggregate output tok/s, TTFT p50/p99 and inter-token latency p50
 per level, then ptserve / peer ratios. Output token counts come from the servers' usage numbers
 (`stream_options.include_usage`); for a server that sends none, a request that ended by length counts
