@@ -3,7 +3,7 @@
     python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--peer transformers|none] [--out FILE]
 
 Builds (once) a random-weight Phi-3 of hidden 512, 8 layers, 8 heads, intermediate 1408 (26M
-parameters) in bench/out/ (EOS never wins greedy decoding there: see build_model), starts each
+parameters) in bench/out/ (EOS and stray bytes never win greedy decoding there: see build_model), starts each
 server on loopback, drives N concurrent streaming requests
 through the OpenAI API, and reports aggregate output tok/s, TTFT p50/p99 and inter-token latency p50
 per level, then ptserve / peer ratios. Output token counts come from the servers' usage numbers
@@ -37,9 +37,13 @@ SYSTEM = "Você é um assistente virtual prestativo."
 
 
 def build_model(path: Path) -> Path:
-    """The 26M model, with the lm_head rows of the special tokens zeroed: their logit is then 0 while
-    the largest of the ~500 random others is positive, so greedy decoding never stops early and every
-    request of either server generates exactly max_tokens (what vLLM's benchmarks get from ignore_eos)."""
+    """The 26M model, with the lm_head rows of the special and the 256 byte-fallback tokens zeroed: their
+    logit is then 0 while the largest of the ~250 random others is positive, so greedy decoding
+    - never stops early: every request of either server generates exactly max_tokens (what vLLM's
+      benchmarks get from ignore_eos), and
+    - never emits stray bytes that are not UTF-8, as a trained model would not: random ones make
+      detokenizers hold text back (ptserve) or fail (transformers serve streams an "Invalid prefix
+      encountered while decoding stream" error and stops)."""
     if not (path / "config.json").exists():
         sys.path.insert(0, str(ROOT))
         from safetensors.torch import load_file, save_file
@@ -49,9 +53,10 @@ def build_model(path: Path) -> Path:
         build(path, TinyShape(**SHAPE))
         from transformers import AutoTokenizer
 
-        special = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(SPECIAL_TOKENS)
+        banned = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)]
+        banned_ids = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(banned)
         weights = load_file(path / "model.safetensors")
-        weights["lm_head.weight"][special] = 0
+        weights["lm_head.weight"][banned_ids] = 0
         save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
 
