@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ptserve.config import Config
+from ptserve.engine import cpu_linear
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
     if quant is None:
         model.to(device)
     model.eval()
+    if device.type == "cpu" and quant is None and model.dtype == torch.float32 and cpu_linear.available():
+        logger.info("packed %d linear layers for oneDNN", cpu_linear.pack_linears(model))
     tokenizer = load_tokenizer(config)
     loaded = LoadedModel(
         model, tokenizer, device, eos_token_ids(model, tokenizer), context_length(config, model.config)

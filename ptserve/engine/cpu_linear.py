@@ -1,0 +1,43 @@
+"""float32 linear layers on the CPU with weights pre-packed for oneDNN.
+
+`torch.nn.Linear` on the CPU calls a plain GEMM every step; oneDNN's linear with a weight reordered
+once into its blocked layout ran the Phi-3 shapes 1.3-1.8x faster on this project's 2-core AVX2 machine
+([16, 512] x [512, 2816]: 0.43 ms vs 0.76 ms). Used only for float32, unquantized models on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+PACK_BATCH_HINT = 16  # the row count the blocked layout is tuned for; any row count works
+
+
+class PackedLinear(torch.nn.Module):
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT))
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack_linears(model: torch.nn.Module) -> int:
+    """Swap every float32 nn.Linear under `model` for a PackedLinear; returns how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
+                setattr(parent, name, PackedLinear(child))
+                swapped += 1
+    return swapped
