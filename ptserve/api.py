@@ -349,7 +349,7 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
         )
     device = config.model.device
     accelerator = "auto" if device == "auto" else device.split(":")[0]
-    server = _Server(api, accelerator=accelerator, devices=1, timeout=False, middlewares=middlewares)
+    server = _Server(api, accelerator=accelerator, devices=1, timeout=False, middlewares=middlewares, fast_queue=True)
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.app.add_exception_handler(RequestValidationError, _validation_error)
     return server
