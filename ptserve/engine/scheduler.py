@@ -233,7 +233,7 @@ class Engine:
             return
         tokens = 0
         longest = max((r.reserve for r in self._rows), default=0)
-        while self._held and self.running + len(self._group) < self.max_seqs:
+        while self._held and len(self._rows) + len(self._group) < self.max_seqs:
             stream = self._held[0]
             if stream.cancelled.is_set():
                 self._held.popleft()._publish(None, "abort")
