@@ -130,12 +130,15 @@ class ChatSpec(LitSpec):
         return await self._complete(uid, messages, prompt_tokens)
 
     # -- talking to the worker ----------------------------------------------------------------------
-    def _submit(self, uid: str, job: Job | Cancel):
+    def _send(self, uid: str, job: Job | Cancel) -> None:
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), (uid, job)))
+
+    def _submit(self, uid: str, job: Job):
+        """Send a job; returns the async iterator of the worker's messages for it."""
         q: deque = deque()
         event = asyncio.Event()
-        if isinstance(job, Job):
-            self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=q)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), (uid, job)))
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=q)
+        self._send(uid, job)
         return self._messages(q, event)
 
     async def _messages(self, q: deque, event: asyncio.Event):
@@ -148,7 +151,7 @@ class ChatSpec(LitSpec):
 
     def _cancel(self, uid: str) -> None:
         self.response_buffer.pop(uid, None)
-        self._submit(uid + "-cancel", Cancel(uid))
+        self._send(uid + "-cancel", Cancel(uid))  # nobody waits for an answer to a cancel
 
     async def _sse(self, uid: str, messages, writer: streaming.ChunkWriter, prompt_tokens: int):
         finished = False

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from ptserve.config import GenerationSettings
 from ptserve.engine.sampling import SamplingParams
+from ptserve.errors import APIError, invalid_request
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,6 @@ def validation_param(loc: tuple[Any, ...]) -> str:
 
 def validate_request(body: Any) -> ChatCompletionRequest:
     """Raise APIError(400) naming the field, the limit and the value."""
-    from pydantic import ValidationError
-
-    from ptserve.errors import invalid_request
-
     if not isinstance(body, dict):
         raise invalid_request(f"The request body must be a JSON object, got {type(body).__name__}.")
     try:
@@ -133,9 +130,7 @@ def validate_request(body: Any) -> ChatCompletionRequest:
     return request
 
 
-def _first_error(exc, body: dict) -> Exception:
-    from ptserve.errors import invalid_request
-
+def _first_error(exc: ValidationError, body: dict) -> APIError:
     errors = exc.errors()
     # Prefer a concrete error over the union's "did not match either branch" noise.
     err = next((e for e in errors if e["type"] not in ("literal_error",)), errors[0])

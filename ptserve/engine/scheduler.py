@@ -55,7 +55,7 @@ class StepOutput:
     finish_reason: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: two streams are never "equal"
 class GenerationStream:
     """One request's view of the engine. Iterate it from the event loop that submitted it."""
 
@@ -102,7 +102,7 @@ class GenerationStream:
                 yield StepOutput(ids)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """Per-sequence state; its index in `Engine._rows` is its cache slot."""
 
@@ -239,24 +239,27 @@ class Engine:
                 self._held.popleft()._publish(None, "abort")
                 continue
             prompt = len(stream.prompt_ids)
-            room = self.max_context_length - prompt
-            row = _Row(stream, make_generator(stream.params, self.device), min(stream.params.max_tokens, room))
+            budget = min(stream.params.max_tokens, self.max_context_length - prompt)
             rows_after = len(self._rows) + len(self._group) + 1
-            if rows_after * max(longest, row.reserve) > self.kv_budget_tokens:
+            if rows_after * max(longest, prompt + budget) > self.kv_budget_tokens:
                 break  # waits until running rows leave
             if self._group and tokens + prompt > self.prefill_chunk:
                 break  # next iteration's group
             self._held.popleft()
-            self._group.append(row)
+            self._group.append(_Row(stream, make_generator(stream.params, self.device), budget))
             tokens += prompt
-            longest = max(longest, row.reserve)
+            longest = max(longest, prompt + budget)
 
     # 2. prefill ----------------------------------------------------------------------------------------
     def _prefill_step(self) -> None:
-        group = [r for r in self._group if not r.stream.cancelled.is_set()]
+        # Dropping a cancelled row shifts the others' prefill-cache rows; that is safe because only a
+        # group of one is ever prefilled across several passes (see _admit).
+        group = []
         for r in self._group:
-            if r not in group:
+            if r.stream.cancelled.is_set():
                 r.stream._publish(None, "abort")
+            else:
+                group.append(r)
         self._group = group
         if not group:
             return
