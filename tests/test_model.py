@@ -11,7 +11,7 @@ from ptserve.config import load_config
 from ptserve.engine import loader
 from ptserve.engine.detokenize import IncrementalDetokenizer, TextStream
 from ptserve.engine.sampling import SamplingParams
-from ptserve.engine.scheduler import Engine, EngineFull
+from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
 from ptserve.prompting import encode_prompt, render_messages
 from ptserve.protocol import ChatMessage
 
@@ -316,3 +316,151 @@ def test_kv_budget_admits_what_fits_and_refuses_what_never_can(loaded, tokenizer
     finally:
         engine.shutdown()
     assert all(r == results[0] and len(r) == 8 for r in results)
+
+
+# -- every sampling parameter, on the real model ------------------------------------------------------
+def run_full(engine, jobs):
+    """Like run_engine, but returns the StepOutputs' logprobs and the streams too."""
+
+    async def one(ids, params):
+        stream = engine.submit(ids, params)
+        tokens, logprobs, finish = [], [], None
+        async for out in stream:
+            tokens += out.token_ids
+            logprobs += out.logprobs or []
+            finish = out.finish_reason
+        return tokens, logprobs, finish, stream
+
+    async def all_jobs():
+        return await asyncio.gather(*(one(ids, params) for ids, params in jobs))
+
+    return asyncio.run(all_jobs())
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    engine = Engine(loaded.model, loaded.max_context_length).start()
+    yield engine
+    engine.shutdown()
+
+
+def test_logit_bias_bans_and_forces_tokens(engine, tokenizer):
+    ids = prompt_ids(tokenizer)
+    [(greedy, _)] = run_engine(engine, [(ids, SamplingParams(10, temperature=0.0))])
+    banned = greedy[0]
+    forced = tokenizer.convert_tokens_to_ids("a")
+    results = run_engine(
+        engine,
+        [
+            (ids, SamplingParams(10, temperature=0.0, logit_bias=((banned, -100.0),))),
+            (ids, SamplingParams(10, temperature=1.0, seed=1, logit_bias=((forced, 100.0),))),
+        ],
+    )
+    assert banned not in results[0][0] and len(results[0][0]) == 10
+    assert results[1][0] == [forced] * 10
+
+
+def test_penalties_change_a_repetitive_greedy_output(engine, tokenizer):
+    ids = prompt_ids(tokenizer)
+    jobs = [
+        (ids, SamplingParams(40, temperature=0.0)),
+        (ids, SamplingParams(40, temperature=0.0, frequency_penalty=2.0)),
+        (ids, SamplingParams(40, temperature=0.0, presence_penalty=2.0)),
+        (ids, SamplingParams(40, temperature=0.0, repetition_penalty=1.5)),
+    ]
+    plain, freq, pres, rep = (tokens for tokens, _ in run_engine(engine, jobs))
+    assert len(set(plain)) < len(plain)  # the random model repeats itself
+    for penalized in (freq, pres, rep):
+        assert penalized != plain
+        assert max(penalized.count(t) for t in penalized) <= max(plain.count(t) for t in plain)
+    assert len(set(pres)) == 40  # presence 2.0 on logits this flat: nothing repeats
+
+
+def test_min_tokens_holds_eos_back(engine, tokenizer):
+    ids = prompt_ids(tokenizer)
+    eos = tokenizer.convert_tokens_to_ids("<|end|>")
+    always_eos = ((eos, 100.0),)
+    results = run_engine(
+        engine,
+        [
+            (ids, SamplingParams(20, temperature=0.0, stop_token_ids=(eos,), logit_bias=always_eos)),
+            (ids, SamplingParams(20, temperature=0.0, stop_token_ids=(eos,), logit_bias=always_eos, min_tokens=5)),
+        ],
+    )
+    assert results[0] == ([eos], "stop")
+    tokens, finish = results[1]
+    assert (len(tokens), tokens[-1], finish) == (6, eos, "stop") and eos not in tokens[:5]
+
+
+def test_top_k_1_is_greedy_and_seeds_repeat(engine, tokenizer):
+    ids = prompt_ids(tokenizer)
+    jobs = [
+        (ids, SamplingParams(12, temperature=0.0)),
+        (ids, SamplingParams(12, temperature=2.0, top_k=1, seed=3)),
+        (ids, SamplingParams(12, temperature=1.0, seed=42)),
+        (ids, SamplingParams(12, temperature=1.0, seed=42, min_p=0.05)),
+        (ids, SamplingParams(12, temperature=1.0, seed=43)),
+    ]
+    first = run_engine(engine, jobs)
+    again = run_engine(engine, list(reversed(jobs)))[::-1]
+    assert first == again
+    assert first[0] == first[1]
+    assert first[2][0] != first[4][0]
+
+
+def test_logprobs_match_the_model(engine, loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+    [(tokens, logprobs, finish, _)] = run_full(engine, [(ids, SamplingParams(6, temperature=0.0, logprobs=3))])
+    assert (len(tokens), len(logprobs), finish) == (6, 6, "length")
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([ids + tokens])).logits[0].float()
+    expected = torch.log_softmax(logits[len(ids) - 1 : -1], dim=-1)  # [6, V]: what predicted each token
+    for i, (token, lp) in enumerate(zip(tokens, logprobs, strict=True)):
+        assert lp.logprob == pytest.approx(expected[i, token].item(), abs=1e-4)
+        assert len(lp.top) == 3 and lp.top[0][0] == token  # greedy: the chosen token is the most likely
+        assert [v for _, v in lp.top] == pytest.approx(expected[i].topk(3).values.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_and_max_tokens_zero(loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+    chunked = Engine(loaded.model, loaded.max_context_length, prefill_chunk=7).start()
+    try:
+        [(tokens, _, finish, stream)] = run_full(chunked, [(ids, SamplingParams(0, prompt_logprobs=2))])
+    finally:
+        chunked.shutdown()
+    assert (tokens, finish) == ([], "length")
+    scored = stream.prompt_logprobs
+    assert len(scored) == len(ids) and scored[0] is None
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], dim=-1)
+    for i, lp in enumerate(scored[1:]):
+        assert lp.logprob == pytest.approx(expected[i, ids[i + 1]].item(), abs=1e-4)
+        assert len(lp.top) == 2
+
+
+def test_submit_many_queues_all_or_none(loaded, tokenizer):
+    ids = prompt_ids(tokenizer)
+    engine = Engine(loaded.model, loaded.max_context_length, max_queued=3)  # started once the queue is full
+
+    async def scenario():
+        params = [SamplingParams(5, temperature=1.0, seed=s) for s in (1, 2, 3)]
+        with pytest.raises(NeverFits, match="at most 3 may wait"):
+            engine.submit_many(ids, params * 2)
+        streams = engine.submit_many(ids, params)
+        with pytest.raises(EngineFull):
+            engine.submit_many(ids, params[:1])
+        engine.start()
+        outs = []
+        for s in streams:
+            tokens = []
+            async for out in s:
+                tokens += out.token_ids
+            outs.append(tokens)
+        return outs
+
+    try:
+        outs = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert len({tuple(o) for o in outs}) == 3 and all(len(o) == 5 for o in outs)

@@ -7,7 +7,16 @@ import torch
 
 from ptserve import streaming
 from ptserve.engine.detokenize import StopMatcher
-from ptserve.engine.sampling import SamplingParams, make_generator, sample, top_p_filter
+from ptserve.engine.sampling import (
+    RowState,
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    min_p_filter,
+    next_tokens,
+    sample,
+    top_p_filter,
+)
 from ptserve.errors import APIError
 from ptserve.prompting import render_messages, resolve_max_tokens
 from ptserve.protocol import ChatMessage
@@ -101,6 +110,53 @@ def test_greedy_rows_and_seeded_rows_in_one_batch():
     assert first[0] == logits[0].argmax()
     assert first.tolist() == again.tolist()  # same seed, same token, whatever the neighbours
     assert make_generator(params[0]) is None
+
+
+def test_min_p_keeps_tokens_near_the_top():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert min_p_filter(probs, torch.tensor([0.5]))[0].tolist() == pytest.approx([0.5, 0.3, 0.0, 0.0])
+    assert min_p_filter(probs, torch.tensor([0.0]))[0].tolist() == pytest.approx([0.5, 0.3, 0.15, 0.05])
+
+
+def test_penalties_bias_and_min_tokens_exact_values():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]] * 4)
+    rows = [
+        SamplingParams(8, frequency_penalty=0.5, presence_penalty=1.0),
+        SamplingParams(8, repetition_penalty=2.0),
+        SamplingParams(8, logit_bias=((3, -100.0), (1, 5.0))),
+        SamplingParams(8, min_tokens=2, stop_token_ids=(0, 3)),
+    ]
+    states = [RowState.create(p, [1], 4, "cpu") for p in rows]
+    for token in (0, 0, 2):
+        states[0].record(token)
+    states[1].record(0)
+    out = apply_penalties(logits.clone(), states)
+    # row 0: token 0 seen twice: 2 - 2*0.5 - 1; token 2 once: 0.5 - 0.5 - 1
+    assert out[0].tolist() == pytest.approx([0.0, -1.0, -1.0, 3.0])
+    # row 1: token 0 generated (2 / 2), token 1 in the prompt (-1 * 2)
+    assert out[1].tolist() == pytest.approx([1.0, -2.0, 0.5, 3.0])
+    assert out[2].tolist() == pytest.approx([2.0, 4.0, 0.5, -97.0])
+    assert out[3].tolist() == [float("-inf"), -1.0, 0.5, float("-inf")]
+    states[3].generated = 2  # min_tokens reached: the stop ids are allowed again
+    assert apply_penalties(logits.clone(), states)[3].tolist() == [2.0, -1.0, 0.5, 3.0]
+
+
+def test_next_tokens_logprobs_are_the_raw_models():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
+    params = [
+        SamplingParams(4, temperature=0.0, logprobs=2),
+        SamplingParams(4, temperature=0.0, logit_bias=((2, -100.0),)),
+    ]
+    states = [RowState.create(p, [0], 3, "cpu") for p in params]
+    tokens, logprobs = next_tokens(logits, states)
+    assert tokens == [2, 0]  # row 1: the bias moved the choice; ties go to the first index
+    expected = torch.log_softmax(logits[0], -1).tolist()
+    assert logprobs[0].logprob == pytest.approx(expected[2])
+    assert [t for t, _ in logprobs[0].top] == [2, 1]
+    assert [lp for _, lp in logprobs[0].top] == pytest.approx([expected[2], expected[1]])
+    assert logprobs[1] is None
+    assert [s.generated for s in states] == [1, 1]
+    assert logits.tolist() == [[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]]  # the caller's logits are untouched
 
 
 # -- chunks and bodies against the official schema ----------------------------------------------------

@@ -1,7 +1,11 @@
 """Sampling settings and pure torch functions that turn logits into next tokens.
 
-Everything works on a batch of rows, each with its own settings, so one request's temperature, top_p
-or seed never touches another's: logits [B, V] -> token ids [B].
+Everything works on a batch of rows, each with its own settings, so one request's temperature, top_p,
+penalties or seed never touches another's: logits [B, V] -> token ids [B].
+
+Order, as vLLM applies it: min_tokens (stop ids banned) -> logit_bias -> repetition, frequency and
+presence penalties -> temperature -> top_k -> top_p / min_p -> draw. Log-probabilities are the model's
+own (log_softmax of the raw logits, before any of that), which is what vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -19,12 +23,63 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    frequency_penalty: float = 0.0  # OpenAI's: minus count x penalty, over generated tokens
+    presence_penalty: float = 0.0  # OpenAI's: minus penalty once a token has been generated
+    repetition_penalty: float = 1.0  # CTRL/HF's: logits of prompt and generated tokens divided (>0) or multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0  # stop ids are banned until this many tokens exist
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's plus the k most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the `top` most likely (token id, log-probability) pairs."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(eq=False)
+class RowState:
+    """What the processors need from one row's history: made when the row is admitted."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    generated: int = 0
+    counts: torch.Tensor | None = None  # [V] float: times each token was generated (penalties only)
+    in_prompt: torch.Tensor | None = None  # [V] bool: tokens of the prompt (repetition penalty only)
+    bias: torch.Tensor | None = None  # [V] float: the logit_bias, dense
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: list[int], vocab: int, device) -> RowState:
+        state = cls(params, make_generator(params, device))
+        if params.penalized:
+            state.counts = torch.zeros(vocab, device=device)
+        if params.repetition_penalty != 1.0:
+            state.in_prompt = torch.zeros(vocab, dtype=torch.bool, device=device)
+            state.in_prompt[torch.tensor(prompt_ids, dtype=torch.long, device=device)] = True
+        if params.logit_bias:
+            state.bias = torch.zeros(vocab, device=device)
+            ids, values = zip(*params.logit_bias, strict=True)
+            state.bias[torch.tensor(ids, device=device)] = torch.tensor(values, device=device)
+        return state
+
+    def record(self, token: int) -> None:
+        self.generated += 1
+        if self.counts is not None:
+            self.counts[token] += 1
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -52,6 +107,12 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
 
 
+def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero tokens less likely than min_p x the top token's probability, per row. probs: [B, V]; min_p: [B]."""
+    floor = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(-1)
+    return probs.masked_fill(probs < floor, 0.0)
+
+
 def top_k_filter(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Keep each row's k largest logits (k <= 0: keep all). logits: [B, V]."""
     vocab = logits.shape[-1]
@@ -60,23 +121,88 @@ def top_k_filter(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def apply_penalties(logits: torch.Tensor, states: list[RowState]) -> torch.Tensor:
+    """min_tokens, logit_bias and the penalties, for the rows that asked. logits: [B, V] float, changed in place."""
+    for i, s in enumerate(states):
+        p = s.params
+        if p.min_tokens and s.generated < p.min_tokens and p.stop_token_ids:
+            logits[i, list(p.stop_token_ids)] = float("-inf")
+        if s.bias is not None:
+            logits[i] += s.bias
+    rows = [i for i, s in enumerate(states) if s.counts is not None]
+    if not rows:
+        return logits
+    sub = logits[rows]  # [R, V]
+    counts = torch.stack([states[i].counts for i in rows])  # [R, V]
+    rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=logits.device).unsqueeze(-1)
+    seen = counts > 0
+    prompt = [states[i].in_prompt for i in rows]
+    if any(m is not None for m in prompt):
+        seen = seen | torch.stack([m if m is not None else torch.zeros_like(seen[0]) for m in prompt])
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=logits.device).unsqueeze(-1)
+    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=logits.device).unsqueeze(-1)
+    sub = sub - counts * freq - (counts > 0).float() * pres
+    logits[rows] = sub
+    return logits
+
+
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
-    """logits: [B, V] -> next token ids [B], each row by its own params and generator."""
+    """logits: [B, V] (already penalized) -> next token ids [B], each row by its own params and generator."""
     logits = logits.float()
     out = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
     temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-    top_ps = torch.tensor([params[i].top_p for i in rows], device=logits.device)
     scaled = logits[rows] / temps.unsqueeze(-1)
     if any(params[i].top_k > 0 for i in rows):
         scaled = top_k_filter(scaled, [params[i].top_k for i in rows])
     probs = torch.softmax(scaled, dim=-1)
+    top_ps = torch.tensor([params[i].top_p for i in rows], device=logits.device)
     if (top_ps < 1.0).any():
         probs = top_p_filter(probs, top_ps)
+    min_ps = torch.tensor([params[i].min_p for i in rows], device=logits.device)
+    if (min_ps > 0.0).any():
+        probs = min_p_filter(probs, min_ps)
     for j, i in enumerate(rows):
         out[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
     return out
+
+
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """The model's log-probabilities of `targets` and of the `top` most likely tokens.
+
+    logits: [N, V] raw; targets: [N] token ids. One TokenLogprob per row.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+    if top > 0:
+        values, ids = logp.topk(top, dim=-1)
+        pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        pairs = [() for _ in chosen]
+    return [TokenLogprob(lp, p) for lp, p in zip(chosen, pairs, strict=True)]
+
+
+def next_tokens(logits: torch.Tensor, states: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One decoding step for a batch: logits [B, V] -> (token ids, logprobs where asked), and each row's
+    history updated."""
+    raw = logits
+    logits = logits.float()
+    if any(s.counts is not None or s.bias is not None or s.params.min_tokens for s in states):
+        logits = apply_penalties(logits.clone() if logits is raw else logits, states)
+    tokens_t = sample(logits, [s.params for s in states], [s.generator for s in states])
+    tokens = tokens_t.tolist()
+    logprobs: list[TokenLogprob | None] = [None] * len(states)
+    asked = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    if asked:
+        top = max(states[i].params.logprobs for i in asked)
+        found = logprobs_of(raw[asked], tokens_t[asked], top)
+        for i, lp in zip(asked, found, strict=True):
+            logprobs[i] = TokenLogprob(lp.logprob, lp.top[: states[i].params.logprobs])
+    for s, t in zip(states, tokens, strict=True):
+        s.record(t)
+    return tokens, logprobs

@@ -4,10 +4,15 @@ Contract (what the API layer relies on):
 - `Engine.submit(prompt_ids, params)` returns a `GenerationStream` at once, or raises `EngineFull`
   when `max_queued` requests already wait, or `NeverFits` when the request could never fit the KV
   cache budget.
-- `async for out in stream` yields `StepOutput(token_ids, finish_reason)`: every token id produced
-  since the last read (coalesced), and a finish reason on the last one: "stop" (an EOS id),
+- `Engine.submit_many(prompt_ids, [params, ...])` does the same for several sequences of one prompt
+  (`n` > 1), all or none.
+- `async for out in stream` yields `StepOutput(token_ids, finish_reason, logprobs)`: every token id
+  produced since the last read (coalesced), their log-probabilities when `params.logprobs` is set,
+  and a finish reason on the last one: "stop" (an EOS id),
   "length" (max_tokens or the context window), "abort" (cancelled) or "error" (`stream.error` says
   what failed; the engine keeps serving the others).
+- `stream.prompt_logprobs` holds the prompt's log-probabilities (when `params.prompt_logprobs` is set)
+  before the first output arrives; `max_tokens=0` scores the prompt and generates nothing.
 - `stream.cancel()` from any thread: the sequence leaves the batch at the next step.
 - Requests never mix: each row has its own cache slot, positions, sampling settings and RNG.
 
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ptserve.engine.kvcache import SlotKVCache, attention_mask
-from ptserve.engine.sampling import SamplingParams, make_generator, sample
+from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, next_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class NeverFits(Exception):
 class StepOutput:
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked
 
 
 @dataclass(eq=False)  # identity semantics: two streams are never "equal"
@@ -68,20 +74,28 @@ class GenerationStream:
     _finish: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # set with finish_reason "error"
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # [None, lp(token 1), ...] when asked
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     # Called on the engine thread.
-    def _publish(self, token_id: int | None, finish_reason: str | None) -> None:
+    def _publish(self, token_id: int | None, finish_reason: str | None, logprob: TokenLogprob | None = None) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._receive, token_id, finish_reason)
+            self._loop.call_soon_threadsafe(self._receive, token_id, finish_reason, logprob)
         except RuntimeError:  # the reader's event loop is gone: nobody will read on
             self.cancelled.set()
 
-    def _receive(self, token_id: int | None, finish_reason: str | None) -> None:
+    def _publish_prompt_logprobs(self, logprobs: list[TokenLogprob | None]) -> None:
+        # Queued on the reader's loop before the first token, so it is there when that arrives.
+        try:
+            self._loop.call_soon_threadsafe(setattr, self, "prompt_logprobs", logprobs)
+        except RuntimeError:
+            self.cancelled.set()
+
+    def _receive(self, token_id: int | None, finish_reason: str | None, logprob: TokenLogprob | None) -> None:
         if token_id is not None:
-            self._pending.append(token_id)
+            self._pending.append((token_id, logprob))
         if finish_reason is not None:
             self._finish = finish_reason
         self._ready.set()
@@ -93,13 +107,14 @@ class GenerationStream:
         while True:
             await self._ready.wait()
             self._ready.clear()
-            ids = list(self._pending)
+            ids = [t for t, _ in self._pending]
+            logprobs = [lp for _, lp in self._pending] if self.params.logprobs is not None else None
             self._pending.clear()
             if self._finish is not None:
-                yield StepOutput(ids, self._finish)
+                yield StepOutput(ids, self._finish, logprobs)
                 return
             if ids:
-                yield StepOutput(ids)
+                yield StepOutput(ids, None, logprobs)
 
 
 @dataclass(eq=False)
@@ -107,13 +122,17 @@ class _Row:
     """Per-sequence state; its index in `Engine._rows` is its cache slot."""
 
     stream: GenerationStream
-    generator: torch.Generator | None
+    state: RowState  # sampling settings, RNG and the history penalties need
     budget: int  # tokens it may generate (max_tokens, capped by the context window)
     prefilled: int = 0  # prompt tokens already in the cache
     length: int = 0  # tokens in the cache
     last_token: int = -1
-    generated: int = 0
     finish: str | None = None
+    scored: list[TokenLogprob | None] = field(default_factory=list)  # prompt logprobs so far
+
+    @property
+    def generated(self) -> int:
+        return self.state.generated
 
     @property
     def reserve(self) -> int:
@@ -149,6 +168,7 @@ class Engine:
         # Padded rows: the batch holds rows x (longest reservation) positions; the budget caps that.
         full = max_seqs * max_context_length
         self.kv_budget_tokens = min(full, kv_budget_bytes // self.bytes_per_token) if kv_budget_bytes else full
+        self.vocab_size = cfg.vocab_size
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         # transformers 5.24 renamed forward(past_key_values=) to forward(cache=); accept both.
         params = inspect.signature(self._base.forward).parameters
@@ -174,17 +194,25 @@ class Engine:
             self._thread.join(timeout=10)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
-        need = min(len(prompt_ids) + params.max_tokens, self.max_context_length)
+        return self.submit_many(prompt_ids, [params])[0]
+
+    def submit_many(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[GenerationStream]:
+        """Several sequences of one prompt, queued together or not at all."""
+        need = min(len(prompt_ids) + max(p.max_tokens for p in params), self.max_context_length)
         if need > self.kv_budget_tokens:
             raise NeverFits(
                 f"the request needs {need} tokens of KV cache ({len(prompt_ids)} prompt + up to "
-                f"{params.max_tokens} completion) but the whole cache holds {self.kv_budget_tokens}"
+                f"{max(p.max_tokens for p in params)} completion) but the whole cache holds {self.kv_budget_tokens}"
             )
-        if self.queued >= self.max_queued:
+        if len(params) > self.max_queued:
+            raise NeverFits(f"it asks for {len(params)} sequences but at most {self.max_queued} may wait at once")
+        if self.queued + len(params) > self.max_queued:
             raise EngineFull(f"{self.queued} requests are already waiting (max_queued_requests={self.max_queued})")
-        stream = GenerationStream(next(self._ids), list(prompt_ids), params, asyncio.get_running_loop())
-        self._waiting.put(stream)
-        return stream
+        loop = asyncio.get_running_loop()
+        streams = [GenerationStream(next(self._ids), list(prompt_ids), p, loop) for p in params]
+        for stream in streams:
+            self._waiting.put(stream)
+        return streams
 
     @property
     def queued(self) -> int:
@@ -246,7 +274,8 @@ class Engine:
             if self._group and tokens + prompt > self.prefill_chunk:
                 break  # next iteration's group
             self._held.popleft()
-            self._group.append(_Row(stream, make_generator(stream.params, self.device), budget))
+            state = RowState.create(stream.params, stream.prompt_ids, self.vocab_size, self.device)
+            self._group.append(_Row(stream, state, budget))
             tokens += prompt
             longest = max(longest, prompt + budget)
 
@@ -273,20 +302,26 @@ class Engine:
         for i, chunk in enumerate(chunks):
             input_ids[i, : len(chunk)] = torch.tensor(chunk, device=self.device)
         hidden = self._forward(self._prefill_cache, 0, input_ids, starts, lengths)  # [n, Q, H]
-        for r, chunk in zip(group, chunks, strict=True):
+        for i, (r, chunk) in enumerate(zip(group, chunks, strict=True)):
+            if r.stream.params.prompt_logprobs is not None:
+                self._score_prompt(r, hidden[i, : len(chunk)])
             r.prefilled += len(chunk)
         if any(r.prefilled < len(r.stream.prompt_ids) for r in group):
             return
         # Prompt done: the first token of each row comes from its last prompt position.
         last = hidden[torch.arange(len(group), device=self.device), lengths - 1]  # [n, H]
-        tokens = self._sample(last, group)
+        tokens, logprobs = self._sample(last, group)
         first = len(self._rows)
         longest = max(len(r.stream.prompt_ids) for r in group)
         self.cache.ensure(first + len(group), longest)
         self.cache.copy_rows_from(self._prefill_cache, 0, first, len(group), longest)
-        for r, token in zip(group, tokens, strict=True):
+        for r, token, logprob in zip(group, tokens, logprobs, strict=True):
             r.length = len(r.stream.prompt_ids)
-            self._emit(r, token)
+            if r.budget == 0:  # max_tokens=0: the prompt was only scored
+                r.finish = "length"
+                r.stream._publish(None, "length")
+            else:
+                self._emit(r, token, logprob)
         self._rows.extend(group)
         self._group = []
 
@@ -301,11 +336,11 @@ class Engine:
         starts = torch.tensor([r.length for r in rows], device=self.device)  # [B] position of the new token
         ones = torch.ones(len(rows), dtype=torch.long, device=self.device)
         hidden = self._forward(self.cache, 0, input_ids, starts, ones)  # [B, 1, H]
-        tokens = self._sample(hidden[:, -1], rows)
-        for r, token in zip(rows, tokens, strict=True):
+        tokens, logprobs = self._sample(hidden[:, -1], rows)
+        for r, token, logprob in zip(rows, tokens, logprobs, strict=True):
             if r.finish is None:
                 r.length += 1
-                self._emit(r, token)
+                self._emit(r, token, logprob)
 
     # 4. retire ----------------------------------------------------------------------------------------
     def _retire(self) -> None:
@@ -337,12 +372,25 @@ class Engine:
         )
         return out.last_hidden_state
 
-    def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = self.model.lm_head(hidden)  # [n, V]
-        return sample(logits, [r.stream.params for r in rows], [r.generator for r in rows]).tolist()
+        return next_tokens(logits, [r.state for r in rows])
 
-    def _emit(self, row: _Row, token: int) -> None:
-        row.generated += 1
+    def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens this chunk's positions predict. hidden: [L, H]."""
+        prompt = row.stream.prompt_ids
+        start = row.prefilled
+        if start == 0:
+            row.scored = [None]  # the first token has no context to be scored in
+        count = min(len(hidden), len(prompt) - 1 - start)  # the last position predicts the completion
+        if count > 0:
+            targets = torch.tensor(prompt[start + 1 : start + 1 + count], device=self.device)
+            logits = self.model.lm_head(hidden[:count])  # [count, V]
+            row.scored += logprobs_of(logits, targets, row.stream.params.prompt_logprobs)
+        if start + len(hidden) >= len(prompt):
+            row.stream._publish_prompt_logprobs(row.scored)
+
+    def _emit(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
         row.last_token = token
         if row.stream.cancelled.is_set():
             row.finish = "abort"
@@ -350,7 +398,7 @@ class Engine:
             row.finish = "stop"
         elif row.generated >= row.budget:
             row.finish = "length"
-        row.stream._publish(None if row.finish == "abort" else token, row.finish)
+        row.stream._publish(None if row.finish == "abort" else token, row.finish, logprob)
 
     def _fail_all(self, message: str) -> None:
         for r in self._rows + self._group:
