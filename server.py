@@ -1,6 +1,6 @@
 """ptserve: an OpenAI-compatible server for microsoft/Phi-3.5-mini-instruct.
 
-python server.py [--config PATH] [--model ID_OR_DIR] [--port N] [--host H] [--api-key KEY]
+python server.py [--config PATH] [--model ID_OR_DIR] [--port N] [--host H] [--api-key KEY ...]
                  [--quantization none|4bit|8bit]
 """
 
@@ -19,7 +19,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", help="hub id or local directory (model.id)")
     parser.add_argument("--port", type=int, help="port to listen on (server.port)")
     parser.add_argument("--host", help="127.0.0.1, 0.0.0.0 or :: (server.host)")
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (server.api_key)")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        help="require 'Authorization: Bearer KEY' on /v1 routes (server.api_key); repeat for several keys",
+    )
     parser.add_argument("--quantization", choices=["none", "4bit", "8bit"], help="quantization.mode")
     return parser.parse_args(argv)
 

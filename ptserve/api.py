@@ -2,12 +2,14 @@
 (a LitAPI), and the server built from config.
 
 Request path:
-  HTTP process   ChatSpec.chat_completions: auth, validate, prompt ids (Frontend) -> 400s answered here
-                 -> puts a Job on LitServe's request queue
-  worker process ChatAPI.predict: Engine.submit -> token ids -> TextStream (detokenize, stop strings)
-                 -> coalesced {"text", "completion_tokens", "finish_reason"} messages back
-  HTTP process   -> SSE chunks or one chat.completion body (ptserve.streaming)
-A client that goes away sends a cancel Job for its uid; the engine drops the sequence at its next step.
+  HTTP process   ChatSpec.chat_completions / completions: auth, body size, validate, model name, prompt
+                 ids (Frontend) -> 4xx answered here -> puts a Job on LitServe's request queue
+  worker process ChatAPI.predict: Engine.submit_many (n choices x prompts) -> token ids -> TextStream per
+                 choice (detokenize, stop strings) -> coalesced {"index", "text", "completion_tokens",
+                 "finish_reason", "logprobs"?} messages back
+  HTTP process   -> SSE chunks or one body (ptserve.streaming)
+A client that goes away (streamed or not) or a request past server.request_timeout_s sends a Cancel for
+its uid; the engine drops its sequences at the next step.
 """
 
 from __future__ import annotations
@@ -32,24 +34,34 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from ptserve import streaming
+from ptserve import metrics, streaming
 from ptserve.config import Config
-from ptserve.engine.detokenize import TextStream
+from ptserve.engine.detokenize import TextStream, TokenNames
+from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
 from ptserve.errors import APIError, envelope, error_body
-from ptserve.frontend import Frontend, Job
+from ptserve.frontend import Frontend, Job, Prepared
 from ptserve.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
+METRICS_PATH = "/metrics"
 RETRY_AFTER_S = 1
+STATS_TIMEOUT_S = 5.0
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away": never seen by that client
 
 
 @dataclasses.dataclass
 class Cancel:
     uid: str
+
+
+@dataclasses.dataclass
+class Stats:
+    """Asks the worker for its engine's counters."""
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -65,7 +77,10 @@ class ChatSpec(LitSpec):
         self.frontend: Frontend | None = None  # loaded in the API server process only
         self.created = int(time.time())
         self.add_endpoint(CHAT_PATH, self.chat_completions, ["POST"])
+        self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
         self.add_endpoint(MODELS_PATH, self.list_models, ["GET"])
+        self.add_endpoint(MODELS_PATH + "/{model:path}", self.retrieve_model, ["GET"])
+        self.add_endpoint(METRICS_PATH, self.metrics, ["GET"])
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -84,30 +99,61 @@ class ChatSpec(LitSpec):
 
     # -- endpoints ----------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
-        key = self.config.server.api_key
-        if not key:
+        keys = self.config.server.api_keys
+        if not keys:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
+        given_bytes = given.strip().encode()
+        # Compare with every key (no early exit), each in constant time.
+        matches = [secrets.compare_digest(given_bytes, key.encode()) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(
                 "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.", 401, code="invalid_api_key"
             )
+
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "ptserve"}
 
     async def list_models(self, request: Request) -> Response:
         try:
             self._authorize(request)
         except APIError as exc:
             return error_response(exc)
-        model = {"id": self.config.model.served_name, "object": "model", "created": self.created, "owned_by": "ptserve"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse({"object": "list", "data": [self._model_object(n) for n in self.frontend.model_names]})
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def retrieve_model(self, request: Request, model: str) -> Response:
         try:
             self._authorize(request)
-            prepared = self.frontend.prepare(await _json_body(request))
         except APIError as exc:
             return error_response(exc)
-        chat = prepared.request
+        if model not in self.frontend.model_names:
+            return error_response(
+                APIError(
+                    f"The model '{model}' does not exist. This server serves: {', '.join(self.frontend.model_names)}.",
+                    404,
+                    param="model",
+                    code="model_not_found",
+                )
+            )
+        return JSONResponse(self._model_object(model))
+
+    async def metrics(self, request: Request) -> Response:
+        stats = await self._ask_worker(Stats())
+        return Response(metrics.render(stats), media_type=metrics.CONTENT_TYPE)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, self.frontend.prepare, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, self.frontend.prepare_completion, chat=False)
+
+    async def _serve(self, request: Request, prepare, chat: bool) -> Response:
+        deadline = _deadline(self.config.server.request_timeout_s)
+        try:
+            self._authorize(request)
+            prepared = prepare(await _json_body(request, self.config.server.max_body_bytes))
+        except APIError as exc:
+            return error_response(exc)
         uid = uuid.uuid4().hex
         messages = self._submit(uid, prepared.job)
         try:
@@ -119,27 +165,48 @@ class ChatSpec(LitSpec):
             status = first.get("status", 500)
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
             return JSONResponse(first["error"], status_code=status, headers=headers)
-        prompt_tokens = len(prepared.job.prompt_ids)
-        if chat.stream:
-            writer = streaming.ChunkWriter(self.config.model.served_name, chat.include_usage())
+        fmt = self._format(prepared, chat)
+        if prepared.request.stream:
             return StreamingResponse(
-                self._sse(uid, messages, writer, prompt_tokens),
+                self._sse(uid, messages, fmt, prepared, deadline),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await self._complete(uid, messages, prompt_tokens)
+        return await self._complete(request, uid, messages, fmt, prepared, deadline)
+
+    def _format(self, prepared: Prepared, chat: bool):
+        req = prepared.request
+        if chat:
+            return streaming.ChatFormat(prepared.model, req.choices(), req.include_usage())
+        return streaming.TextFormat(
+            prepared.model,
+            prepared.prompt_texts,
+            req.choices(),
+            req.include_usage(),
+            echo=bool(req.echo),
+            logprobs=req.logprobs is not None,
+        )
 
     # -- talking to the worker ----------------------------------------------------------------------
-    def _send(self, uid: str, job: Job | Cancel) -> None:
+    def _send(self, uid: str, job: Job | Cancel | Stats) -> None:
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), (uid, job)))
 
-    def _submit(self, uid: str, job: Job):
+    def _submit(self, uid: str, job: Job | Stats):
         """Send a job; returns the async iterator of the worker's messages for it."""
         q: deque = deque()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=q)
         self._send(uid, job)
         return self._messages(q, event)
+
+    async def _ask_worker(self, job: Stats) -> dict[str, Any]:
+        uid = uuid.uuid4().hex
+        try:
+            return await asyncio.wait_for(anext(self._submit(uid, job)), STATS_TIMEOUT_S)
+        except (TimeoutError, StopAsyncIteration):
+            return {}
+        finally:
+            self.response_buffer.pop(uid, None)
 
     async def _messages(self, q: deque, event: asyncio.Event):
         async for data, status in self.data_streamer(q, event, send_status=True):
@@ -153,64 +220,143 @@ class ChatSpec(LitSpec):
         self.response_buffer.pop(uid, None)
         self._send(uid + "-cancel", Cancel(uid))  # nobody waits for an answer to a cancel
 
-    async def _sse(self, uid: str, messages, writer: streaming.ChunkWriter, prompt_tokens: int):
+    async def _sse(self, uid: str, messages, fmt, prepared: Prepared, deadline: float | None):
+        choices = {i: streaming.Choice(i) for i in range(prepared.job.choices)}
         finished = False
         try:
-            yield writer.role()
-            async for msg in messages:
+            for frame in fmt.start():
+                yield frame
+            while True:
+                try:
+                    msg = await _next(messages, deadline)
+                except TimeoutError:
+                    finished = False
+                    yield streaming.sse(self._timeout_error())
+                    break
+                if msg is None:
+                    yield streaming.sse(envelope(500, "The inference worker ended the request early."))
+                    break
                 if "error" in msg:
                     finished = True
                     yield streaming.sse(msg["error"])
                     break
-                if msg["text"]:
-                    yield writer.content(msg["text"])
+                choice = choices[msg["index"]]
+                frame = fmt.delta(
+                    msg["index"],
+                    msg["text"],
+                    logprobs=msg.get("logprobs"),
+                    prompt_logprobs=msg.get("prompt_logprobs"),
+                    first=not choice.pieces,
+                )
+                choice.add(msg)
+                if frame:
+                    yield frame
                 if msg["finish_reason"]:
-                    finished = True
-                    yield writer.finish(msg["finish_reason"])
-                    if writer.include_usage:
-                        yield writer.usage(prompt_tokens, msg["completion_tokens"])
-                    break
+                    yield fmt.finish(msg["index"], msg["finish_reason"])
+                    if all(c.finish_reason for c in choices.values()):
+                        finished = True
+                        if fmt.include_usage:
+                            yield fmt.usage(prepared.prompt_tokens, sum(c.completion_tokens for c in choices.values()))
+                        break
             yield streaming.DONE
         finally:
             if finished:
                 self.response_buffer.pop(uid, None)
-            else:  # the client went away (or the worker did): free the engine's slot
+            else:  # the client went away, the time ran out, or the worker failed: free the engine's slots
                 self._cancel(uid)
 
-    async def _complete(self, uid: str, messages, prompt_tokens: int) -> Response:
-        pieces: list[str] = []
+    async def _complete(self, request: Request, uid: str, messages, fmt, prepared: Prepared, deadline) -> Response:
+        collect = asyncio.ensure_future(self._collect(messages, prepared.job.choices, deadline))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            async for msg in messages:
-                if "error" in msg:
-                    return JSONResponse(msg["error"], status_code=msg.get("status", 500))
-                pieces.append(msg["text"])
-                if msg["finish_reason"]:
-                    body = streaming.chat_completion(
-                        streaming.completion_id(),
-                        int(time.time()),
-                        self.config.model.served_name,
-                        "".join(pieces),
-                        msg["finish_reason"],
-                        prompt_tokens,
-                        msg["completion_tokens"],
-                    )
-                    self.response_buffer.pop(uid, None)
-                    return JSONResponse(body)
-            return JSONResponse(envelope(500, "The inference worker ended the request early."), status_code=500)
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not collect.done():  # the client went away: nobody will read an answer
+                logger.info("client disconnected; request %s cancelled", uid)
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            try:
+                result = collect.result()
+            except TimeoutError:
+                return JSONResponse(self._timeout_error(), status_code=504)
+            if isinstance(result, dict):  # an error from the worker
+                return JSONResponse(result["error"], status_code=result.get("status", 500))
+            self.response_buffer.pop(uid, None)
+            return JSONResponse(fmt.body(result, prepared.prompt_tokens))
         finally:
+            collect.cancel()
+            gone.cancel()
             if uid in self.response_buffer:
                 self._cancel(uid)
 
+    async def _collect(self, messages, count: int, deadline: float | None):
+        """All choices of a non-streamed request, or the worker's error message."""
+        choices = [streaming.Choice(i) for i in range(count)]
+        while not all(c.finish_reason for c in choices):
+            msg = await _next(messages, deadline)
+            if msg is None:
+                return {"error": envelope(500, "The inference worker ended the request early."), "status": 500}
+            if "error" in msg:
+                return msg
+            choices[msg["index"]].add(msg)
+        return choices
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+    def _timeout_error(self) -> dict[str, Any]:
+        limit = self.config.server.request_timeout_s
+        return envelope(
+            504,
+            f"The request did not finish within {limit:g} s (server.request_timeout_s) and was cancelled. "
+            "Ask for fewer tokens (max_tokens) or stream the answer.",
+            code="timeout",
+        )
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
+async def _next(messages, deadline: float | None):
+    """The worker's next message, None when it ended; TimeoutError past the deadline."""
     try:
-        return json.loads(raw)
+        if deadline is None:
+            return await anext(messages)
+        return await asyncio.wait_for(anext(messages), max(deadline - time.monotonic(), 0.0))
+    except StopAsyncIteration:
+        return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body was read already, so the next ASGI
+    message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(
             "We could not parse the JSON body of your request. The body must be valid JSON "
             "(send 'Content-Type: application/json')."
         ) from None
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        f"The request body is too large: {size} bytes or more; the limit is {limit} bytes (server.max_body_bytes).",
+        413,
+        code="request_too_large",
+    )
 
 
 # -- inference worker process -----------------------------------------------------------------------
@@ -225,6 +371,7 @@ class ChatAPI(ls.LitAPI):
         configure_logging()
         loaded = loader.load(self.config, device)
         self.tokenizer = loaded.tokenizer
+        self.names = TokenNames(loaded.tokenizer)
         self.eos_token_ids = tuple(loaded.eos_token_ids)
         server = self.config.server
         engine = Engine(
@@ -253,42 +400,100 @@ class ChatAPI(ls.LitAPI):
     async def predict(self, item, **kwargs):
         uid, job = item
         if isinstance(job, Cancel):
-            stream = self.streams.get(job.uid)
-            if stream is not None:
+            for stream in self.streams.get(job.uid, []):
                 stream.cancel()
             return
-        params = dataclasses.replace(job.params, stop_token_ids=() if job.ignore_eos else self.eos_token_ids)
+        if isinstance(job, Stats):
+            yield self._stats()
+            return
         try:
-            stream = self.engine.submit(job.prompt_ids, params)
+            streams = self.engine.submit_many(self._sequences(job))
         except EngineFull as exc:
             message = f"The server is busy: {exc}. Retry after {RETRY_AFTER_S} s."
             yield {"error": envelope(429, message, code="queue_full"), "status": 429}
             return
         except NeverFits as exc:
-            message = f"This request can never fit the server's KV cache: {exc}. Lower max_tokens or the prompt."
+            message = f"This request can never fit the server: {exc}. Lower max_tokens, n or the prompt."
             yield {"error": envelope(400, message, param="max_tokens", code="kv_cache_exceeded"), "status": 400}
             return
-        self.streams[uid] = stream
+        self.streams[uid] = streams
         yield {"accepted": True}
+        choices = [
+            _text_messages(i, s, TextStream(self.tokenizer, job.stop), self.names) for i, s in enumerate(streams)
+        ]
         try:
-            async for message in _text_messages(stream, TextStream(self.tokenizer, job.stop)):
+            async for message in _merge(choices):
                 yield message
         finally:
             self.streams.pop(uid, None)
-            stream.cancel()  # no-op when finished; frees the slot if this task was cancelled
+            for stream in streams:
+                stream.cancel()  # no-op when finished; frees the slot if this task was cancelled
+
+    def _sequences(self, job: Job) -> list[tuple[list[int], SamplingParams]]:
+        """n sequences per prompt. With a seed, sequence j samples with seed + j: the n choices differ,
+        and the same request gives the same choices again."""
+        stop_ids = () if job.ignore_eos else self.eos_token_ids
+        out = []
+        for prompt in job.prompts:
+            for j in range(job.n):
+                seed = job.params.seed + j if job.params.seed is not None else None
+                out.append((prompt, dataclasses.replace(job.params, seed=seed, stop_token_ids=stop_ids)))
+        return out
+
+    def _stats(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "running": engine.running,
+            "queued": engine.queued,
+            "max_running": engine.max_seqs,
+            "kv_budget_tokens": engine.kv_budget_tokens,
+        }
 
 
-async def _text_messages(stream, text: TextStream):
-    """Engine outputs -> {"text", "completion_tokens", "finish_reason"}, one message per engine read."""
+async def _merge(generators):
+    """Interleave several async generators' items as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(gen):
+        try:
+            async for item in gen:
+                await queue.put(item)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in generators]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+        for task in tasks:
+            task.result()  # re-raise a pump's exception, if any
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _text_messages(index: int, stream, text: TextStream, names: TokenNames):
+    """One choice's engine outputs -> {"index", "text", "completion_tokens", "finish_reason"} messages, one
+    per engine read, with "logprobs" (and, first, "prompt_logprobs") when the request asked."""
     produced = 0
+    first = True
     async for out in stream:
         if out.finish_reason == "error":
             yield {"error": envelope(500, f"Generation failed: {stream.error}"), "status": 500}
             return
-        pieces, finish = [], None
-        for token_id in out.token_ids:
+        pieces, finish, records = [], None, []
+        for k, token_id in enumerate(out.token_ids):
             produced += 1
             pieces.append(text.add(token_id))
+            if out.logprobs is not None:
+                lp = out.logprobs[k]
+                records.append(names.record(token_id, lp.logprob, lp.top))
             if text.stopped:  # a stop string: tokens after it are dropped and not counted
                 stream.cancel()
                 finish = "stop"
@@ -297,10 +502,28 @@ async def _text_messages(stream, text: TextStream):
             pieces.append(text.finish())
             finish = "stop" if text.stopped else out.finish_reason
         chunk = "".join(pieces)
-        if chunk or finish:
-            yield {"text": chunk, "completion_tokens": produced, "finish_reason": finish}
+        message: dict[str, Any] = {
+            "index": index,
+            "text": chunk,
+            "completion_tokens": produced,
+            "finish_reason": finish,
+        }
+        if stream.params.logprobs is not None:
+            message["logprobs"] = records
+        if first and stream.prompt_logprobs is not None:
+            message["prompt_logprobs"] = _prompt_records(stream, names)
+        if chunk or finish or records or "prompt_logprobs" in message:
+            first = False
+            yield message
         if finish:
             return
+
+
+def _prompt_records(stream, names: TokenNames) -> list[dict[str, Any]]:
+    records = []
+    for token_id, lp in zip(stream.prompt_ids, stream.prompt_logprobs, strict=True):
+        records.append(names.record(token_id, None) if lp is None else names.record(token_id, lp.logprob, lp.top))
+    return records
 
 
 # -- the server -------------------------------------------------------------------------------------

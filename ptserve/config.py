@@ -42,6 +42,8 @@ class ModelSettings(_Section):
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_context_length: int | None = Field(None, ge=16)
+    aliases: list[str] = []  # more names /v1/models lists and requests may use
+    strict_names: bool = False  # true: a request naming another model gets 404 model_not_found
 
     @field_validator("device")
     @classmethod
@@ -65,10 +67,20 @@ class GenerationSettings(_Section):
 
 
 class ServerSettings(_Section):
+    @property
+    def api_keys(self) -> list[str]:
+        if self.api_key is None:
+            return []
+        keys = [self.api_key] if isinstance(self.api_key, str) else self.api_key
+        return [k for k in keys if k]
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1024, le=65535)
-    api_key: str | None = None
+    api_key: str | list[str] | None = None
     cors_origins: list[str] = []
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    request_timeout_s: float | None = Field(600.0, gt=0)
     max_concurrent_sequences: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=1)
     kv_cache_gb: float | None = Field(None, gt=0)
@@ -93,7 +105,9 @@ class Config(_Section):
     def redacted(self) -> dict[str, Any]:
         data = self.model_dump()
         for section, key in SECRET_KEYS:
-            if data[section][key] is not None:
+            if isinstance(data[section][key], list):
+                data[section][key] = ["***"] * len(data[section][key])
+            elif data[section][key] is not None:
                 data[section][key] = "***"
         return data
 
@@ -129,7 +143,8 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[tuple[str, ...], Any, 
         if not var.startswith(ENV_PREFIX):
             continue
         if var in ENV_ALIASES:
-            out.append((ENV_ALIASES[var], raw, f"env {var}"))
+            section, key = ENV_ALIASES[var]
+            out.append((ENV_ALIASES[var], _env_value(SECTIONS[section], key, raw), f"env {var}"))
             continue
         rest = var[len(ENV_PREFIX) :].lower()
         if rest in TOP_LEVEL_SCALARS:

@@ -1,9 +1,12 @@
-"""Response bodies: SSE chunks for `stream: true`, the chat.completion object otherwise.
+"""Response bodies: SSE chunks for `stream: true`, one object otherwise, for chat and legacy completions.
 
-Streaming rules (OpenAI's): one `id` and one `created` for every chunk; the first chunk carries
-`delta.role = "assistant"`; exactly one chunk carries `finish_reason`; with
-`stream_options.include_usage` every chunk has `"usage": null` and one last chunk brings
-`choices: []` and the usage; the stream ends with `data: [DONE]`.
+Streaming rules (OpenAI's): one `id` and one `created` for every chunk; a chat stream's first chunk
+for each choice carries `delta.role = "assistant"`; exactly one chunk per choice carries
+`finish_reason`; with `stream_options.include_usage` every chunk has `"usage": null` and one last
+chunk brings `choices: []` and the usage of all choices; the stream ends with `data: [DONE]`.
+
+Log-probability records arrive from the worker in the chat shape ({token, logprob, bytes,
+top_logprobs}); the legacy shape (tokens, token_logprobs, top_logprobs, text_offset) is derived here.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from typing import Any
 DONE = "data: [DONE]\n\n"
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -33,29 +36,61 @@ def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def chat_completion(
-    cid: str, created: int, model: str, content: str, finish_reason: str, prompt_tokens: int, completion_tokens: int
-) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+@dataclass
+class Choice:
+    """One choice as it accumulates from the worker's messages."""
+
+    index: int
+    pieces: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, msg: dict[str, Any]) -> None:
+        self.pieces.append(msg["text"])
+        if "logprobs" in msg:
+            self.logprobs = (self.logprobs or []) + msg["logprobs"]
+        if "prompt_logprobs" in msg:
+            self.prompt_logprobs = msg["prompt_logprobs"]
+        self.completion_tokens = msg["completion_tokens"]
+        self.finish_reason = msg["finish_reason"]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def legacy_logprobs(records: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Chat-shaped records -> the legacy completions shape. The first echoed prompt token, which nothing
+    predicts, has a null logprob and null top_logprobs, as OpenAI returns it."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for rec in records:
+        token = rec["token"]
+        out["tokens"].append(token)
+        out["text_offset"].append(offset)
+        offset += len(token)
+        if rec["logprob"] is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(rec["logprob"])
+        top = {t["token"]: t["logprob"] for t in rec["top_logprobs"]}
+        top.setdefault(rec["token"], rec["logprob"])  # the sampled token is always there (up to logprobs + 1)
+        out["top_logprobs"].append(top)
+    return out
+
+
+def join_legacy(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return {k: a[k] + b[k] for k in a}
 
 
 @dataclass
-class ChunkWriter:
+class ChatFormat:
+    """chat.completion and chat.completion.chunk."""
+
     model: str
+    n: int = 1
     include_usage: bool = False
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -73,17 +108,105 @@ class ChunkWriter:
         body.update(extra)
         return sse(body)
 
-    def _choice(self, delta: dict[str, Any], finish_reason: str | None = None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    def _choice(self, index: int, delta: dict[str, Any], finish=None, logprobs=None) -> list[dict[str, Any]]:
+        lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
+        return [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]
 
-    def role(self) -> str:
-        return self._chunk(self._choice({"role": "assistant", "content": ""}))
+    def start(self) -> list[str]:
+        return [self._chunk(self._choice(i, {"role": "assistant", "content": ""})) for i in range(self.n)]
 
-    def content(self, text: str) -> str:
-        return self._chunk(self._choice({"content": text}))
+    def delta(self, index: int, text: str, logprobs: list[dict[str, Any]] | None = None, **_: Any) -> str | None:
+        if not text and not logprobs:
+            return None
+        return self._chunk(self._choice(index, {"content": text}, logprobs=logprobs))
 
-    def finish(self, reason: str) -> str:
-        return self._chunk(self._choice({}, reason))
+    def finish(self, index: int, reason: str) -> str:
+        return self._chunk(self._choice(index, {}, reason))
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+
+    def body(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": {"content": c.logprobs, "refusal": None} if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+        }
+
+
+@dataclass
+class TextFormat:
+    """text_completion (legacy /v1/completions); chunks have the same shape as the body.
+
+    `prompts[i]` is the text of choice i's prompt: with `echo` it comes before the completion, and its
+    tokens' log-probabilities before the completion's."""
+
+    model: str
+    prompts: list[str]
+    n: int = 1
+    include_usage: bool = False
+    echo: bool = False
+    logprobs: bool = False
+    id: str = field(default_factory=lambda: completion_id("cmpl"))
+    created: int = field(default_factory=lambda: int(time.time()))
+    _offsets: dict[int, int] = field(default_factory=dict)
+
+    def _prompt_of(self, index: int) -> str:
+        return self.prompts[index // self.n]
+
+    def _body(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model}
+        body["choices"] = choices
+        body.update(extra)
+        return body
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        if self.include_usage:
+            extra.setdefault("usage", None)
+        return sse(self._body(choices, **extra))
+
+    def start(self) -> list[str]:
+        return []  # with echo the prompt goes out with the first delta, which brings its logprobs
+
+    def delta(self, index: int, text: str, logprobs=None, prompt_logprobs=None, first=False) -> str | None:
+        """`first`: the choice's first delta, which brings the echoed prompt (and its logprobs)."""
+        echo = self._prompt_of(index) if self.echo and first else ""
+        offset = self._offsets.get(index, 0) + len(echo)
+        self._offsets[index] = offset + len(text)
+        lp = None
+        if self.logprobs:
+            lp = legacy_logprobs(logprobs or [], offset)
+            if echo:
+                lp = join_legacy(legacy_logprobs(prompt_logprobs or [], 0), lp)
+        if not echo + text and not (lp and lp["tokens"]):
+            return None
+        return self._chunk([{"text": echo + text, "index": index, "logprobs": lp, "finish_reason": None}])
+
+    def finish(self, index: int, reason: str) -> str:
+        return self._chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": reason}])
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+        return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+
+    def body(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
+        out = []
+        for c in choices:
+            prompt = self._prompt_of(c.index) if self.echo else ""
+            lp = None
+            if self.logprobs:
+                lp = legacy_logprobs(c.logprobs or [], len(prompt))
+                if self.echo:
+                    lp = join_legacy(legacy_logprobs(c.prompt_logprobs or [], 0), lp)
+            out.append({"text": prompt + c.text, "index": c.index, "logprobs": lp, "finish_reason": c.finish_reason})
+        return self._body(out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices)))

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
+SECOND_KEY = "second-key-456"  # the server takes several keys
 TEST_CONTEXT = 512  # small, so the context-length errors are cheap to reach
 
 
@@ -88,14 +89,16 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
-    """The real server on loopback: tiny model, an API key, a 512-token context."""
+    """The real server on loopback: tiny model, two API keys, a 512-token context."""
     tmp = tmp_path_factory.mktemp("server")
     config = tmp / "config.yaml"
     config.write_text(
         f"model:\n  id: {tiny_model_dir}\n  max_context_length: {TEST_CONTEXT}\n"
         "server:\n  cors_origins: ['http://example.test']\n"
     )
-    srv = RunningServer(["--config", str(config), "--api-key", API_KEY], log_path=tmp / "server.log")
+    srv = RunningServer(
+        ["--config", str(config), "--api-key", API_KEY, "--api-key", SECOND_KEY], log_path=tmp / "server.log"
+    )
     try:
         srv.wait_ready()
         yield srv

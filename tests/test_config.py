@@ -44,14 +44,14 @@ def test_env_types_lists_and_aliases():
     env = {
         "PTSERVE_MODEL_TRUST_REMOTE_CODE": "true",
         "PTSERVE_SERVER_CORS_ORIGINS": "http://a.test, http://b.test",
-        "PTSERVE_API_KEY": "secret",
+        "PTSERVE_API_KEY": "secret, second",
         "PTSERVE_SYSTEM_PROMPT": "",
         "PTSERVE_MODEL_MAX_CONTEXT_LENGTH": "",
     }
     config = load_config(None, environ=env)
     assert config.model.trust_remote_code is True
     assert config.server.cors_origins == ["http://a.test", "http://b.test"]
-    assert config.server.api_key == "secret"
+    assert config.server.api_keys == ["secret", "second"]  # several keys, comma-separated
     assert config.system_prompt == ""  # an empty prompt turns the default off
     assert config.model.max_context_length is None
 
@@ -107,8 +107,11 @@ def test_not_a_mapping_and_missing_file(tmp_path):
 
 def test_secrets_are_redacted():
     config = load_config(None, environ={"PTSERVE_SERVER_API_KEY": "hunter2"})
-    assert config.non_defaults() == {"server": {"api_key": "***"}}
+    assert config.non_defaults() == {"server": {"api_key": ["***"]}}
     assert "hunter2" not in repr(config.redacted())
+    config = load_config(None, environ={}, overrides={("server", "api_key"): "one"})
+    assert (config.server.api_keys, config.non_defaults()) == (["one"], {"server": {"api_key": "***"}})
+    assert load_config(None, environ={}).server.api_keys == []
 
 
 def test_bad_config_stops_startup_with_one_message(tmp_path):

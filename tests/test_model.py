@@ -444,12 +444,12 @@ def test_submit_many_queues_all_or_none(loaded, tokenizer):
     engine = Engine(loaded.model, loaded.max_context_length, max_queued=3)  # started once the queue is full
 
     async def scenario():
-        params = [SamplingParams(5, temperature=1.0, seed=s) for s in (1, 2, 3)]
+        jobs = [(ids, SamplingParams(5, temperature=1.0, seed=s)) for s in (1, 2, 3)]
         with pytest.raises(NeverFits, match="at most 3 may wait"):
-            engine.submit_many(ids, params * 2)
-        streams = engine.submit_many(ids, params)
+            engine.submit_many(jobs * 2)
+        streams = engine.submit_many(jobs)
         with pytest.raises(EngineFull):
-            engine.submit_many(ids, params[:1])
+            engine.submit_many(jobs[:1])
         engine.start()
         outs = []
         for s in streams:

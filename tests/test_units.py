@@ -161,8 +161,8 @@ def test_next_tokens_logprobs_are_the_raw_models():
 
 # -- chunks and bodies against the official schema ----------------------------------------------------
 def test_chunks_follow_the_openai_rules_and_schema():
-    w = streaming.ChunkWriter("m", include_usage=True)
-    frames = [w.role(), w.content("olá"), w.finish("length"), w.usage(3, 1)]
+    w = streaming.ChatFormat("m", include_usage=True)
+    frames = [*w.start(), w.delta(0, "olá"), w.finish(0, "length"), w.usage(3, 1)]
     bodies = [json.loads(f.removeprefix("data: ")) for f in frames]
     for body in bodies:
         validate(body, "CreateChatCompletionStreamResponse")
@@ -176,10 +176,66 @@ def test_chunks_follow_the_openai_rules_and_schema():
         "completion_tokens": 1,
         "total_tokens": 4,
     }
-    assert "usage" not in json.loads(streaming.ChunkWriter("m").content("x").removeprefix("data: "))
+    assert "usage" not in json.loads(streaming.ChatFormat("m").delta(0, "x").removeprefix("data: "))
+    assert streaming.ChatFormat("m").delta(0, "") is None  # nothing to say: no chunk
 
 
-def test_completion_body_schema():
-    body = streaming.chat_completion("chatcmpl-1", 1, "m", "oi", "stop", 5, 2)
+RECORD = {
+    "token": " oi",
+    "logprob": -0.5,
+    "bytes": [32, 111, 105],
+    "top_logprobs": [
+        {"token": " oi", "logprob": -0.5, "bytes": [32, 111, 105]},
+        {"token": "x", "logprob": -1.5, "bytes": [120]},
+    ],
+}  # noqa: E501
+
+
+def test_chat_body_with_n_choices_and_logprobs_schema():
+    choices = [streaming.Choice(0), streaming.Choice(1)]
+    choices[0].add({"index": 0, "text": " oi", "completion_tokens": 1, "finish_reason": "stop", "logprobs": [RECORD]})
+    choices[1].add({"index": 1, "text": "ab", "completion_tokens": 2, "finish_reason": "length", "logprobs": []})
+    fmt = streaming.ChatFormat("m", n=2)
+    body = fmt.body(choices, 5)
     validate(body, "CreateChatCompletionResponse")
-    assert body["choices"][0]["message"]["refusal"] is None and body["choices"][0]["logprobs"] is None
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert body["choices"][0]["logprobs"] == {"content": [RECORD], "refusal": None}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert [json.loads(f[6:])["choices"][0]["index"] for f in fmt.start()] == [0, 1]
+    chunk = json.loads(fmt.delta(1, " oi", logprobs=[RECORD])[6:])
+    validate(chunk, "CreateChatCompletionStreamResponse")
+    assert chunk["choices"][0]["logprobs"]["content"] == [RECORD]
+
+
+def test_legacy_completion_body_echo_and_logprobs():
+    fmt = streaming.TextFormat("m", ["Olá"], n=1, echo=True, logprobs=True)
+    choice = streaming.Choice(0)
+    first = {"token": "Olá", "logprob": None, "bytes": list("Olá".encode()), "top_logprobs": None}
+    choice.add(
+        {
+            "index": 0,
+            "text": " oi",
+            "completion_tokens": 1,
+            "finish_reason": "length",
+            "logprobs": [RECORD],
+            "prompt_logprobs": [first],
+        }
+    )
+    body = fmt.body([choice], 1)
+    assert body["choices"][0]["text"] == "Olá oi"
+    assert body["choices"][0]["logprobs"] == {
+        "tokens": ["Olá", " oi"],
+        "token_logprobs": [None, -0.5],
+        "top_logprobs": [None, {" oi": -0.5, "x": -1.5}],
+        "text_offset": [0, 3],
+    }
+    # OpenAI sends null for the first echoed token, which nothing predicts; the published schema says
+    # number there. Everything else must match the schema.
+    body["choices"][0]["logprobs"]["token_logprobs"][0] = 0.0
+    body["choices"][0]["logprobs"]["top_logprobs"][0] = {}
+    validate(body, "CreateCompletionResponse")
+    chunk = json.loads(fmt.delta(0, " oi", logprobs=[RECORD], prompt_logprobs=[first], first=True)[6:])
+    assert chunk["choices"][0]["text"] == "Olá oi" and chunk["object"] == "text_completion"
+    assert chunk["choices"][0]["logprobs"]["text_offset"] == [0, 3]
+    later = json.loads(fmt.delta(0, "!", logprobs=[{**RECORD, "token": "!"}])[6:])
+    assert later["choices"][0]["text"] == "!" and later["choices"][0]["logprobs"]["text_offset"] == [6]

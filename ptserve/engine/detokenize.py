@@ -94,3 +94,44 @@ class TextStream:
         """Release held text when generation ends for another reason (EOS, length)."""
         text, self.stopped = self._stops.feed(self._detok.flush())
         return text if self.stopped else text + self._stops.flush()
+
+
+class TokenNames:
+    """Token ids -> the strings and UTF-8 bytes that log-probability records show.
+
+    SentencePiece-style vocabularies (Phi-3.5's): "▁" is a space and "<0xNN>" a single byte. A token
+    that is part of a multi-byte character has a `token` string with U+FFFD; its `bytes` are exact,
+    and joined they decode to the text.
+    """
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self._special = set(tokenizer.all_special_ids)
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def name(self, token_id: int) -> tuple[str, list[int]]:
+        found = self._cache.get(token_id)
+        if found is None:
+            piece = self._tok.convert_ids_to_tokens(token_id)
+            if token_id in self._special:
+                raw = piece.encode()
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                raw = bytes([int(piece[3:5], 16)])
+            else:
+                raw = piece.replace("▁", " ").encode()
+            found = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return found
+
+    def record(self, token_id: int, logprob: float | None, top=()) -> dict:
+        """One ChatCompletionTokenLogprob; logprob None = nothing predicted it (a prompt's first token)."""
+        token, raw = self.name(token_id)
+        return {
+            "token": token,
+            "logprob": logprob,
+            "bytes": raw,
+            "top_logprobs": None if logprob is None else [self._alt(t, lp) for t, lp in top],
+        }
+
+    def _alt(self, token_id: int, logprob: float) -> dict:
+        token, raw = self.name(token_id)
+        return {"token": token, "logprob": logprob, "bytes": raw}

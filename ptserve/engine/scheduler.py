@@ -4,8 +4,8 @@ Contract (what the API layer relies on):
 - `Engine.submit(prompt_ids, params)` returns a `GenerationStream` at once, or raises `EngineFull`
   when `max_queued` requests already wait, or `NeverFits` when the request could never fit the KV
   cache budget.
-- `Engine.submit_many(prompt_ids, [params, ...])` does the same for several sequences of one prompt
-  (`n` > 1), all or none.
+- `Engine.submit_many([(prompt_ids, params), ...])` does the same for several sequences (a request's
+  `n` choices or its several prompts), all or none.
 - `async for out in stream` yields `StepOutput(token_ids, finish_reason, logprobs)`: every token id
   produced since the last read (coalesced), their log-probabilities when `params.logprobs` is set,
   and a finish reason on the last one: "stop" (an EOS id),
@@ -194,22 +194,23 @@ class Engine:
             self._thread.join(timeout=10)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
-        return self.submit_many(prompt_ids, [params])[0]
+        return self.submit_many([(prompt_ids, params)])[0]
 
-    def submit_many(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[GenerationStream]:
-        """Several sequences of one prompt, queued together or not at all."""
-        need = min(len(prompt_ids) + max(p.max_tokens for p in params), self.max_context_length)
-        if need > self.kv_budget_tokens:
-            raise NeverFits(
-                f"the request needs {need} tokens of KV cache ({len(prompt_ids)} prompt + up to "
-                f"{max(p.max_tokens for p in params)} completion) but the whole cache holds {self.kv_budget_tokens}"
-            )
-        if len(params) > self.max_queued:
-            raise NeverFits(f"it asks for {len(params)} sequences but at most {self.max_queued} may wait at once")
-        if self.queued + len(params) > self.max_queued:
+    def submit_many(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[GenerationStream]:
+        """Several sequences (a request's `n` choices, or its several prompts), queued together or not at all."""
+        for prompt_ids, params in jobs:
+            need = min(len(prompt_ids) + params.max_tokens, self.max_context_length)
+            if need > self.kv_budget_tokens:
+                raise NeverFits(
+                    f"the request needs {need} tokens of KV cache ({len(prompt_ids)} prompt + up to "
+                    f"{params.max_tokens} completion) but the whole cache holds {self.kv_budget_tokens}"
+                )
+        if len(jobs) > self.max_queued:
+            raise NeverFits(f"it asks for {len(jobs)} sequences but at most {self.max_queued} may wait at once")
+        if self.queued + len(jobs) > self.max_queued:
             raise EngineFull(f"{self.queued} requests are already waiting (max_queued_requests={self.max_queued})")
         loop = asyncio.get_running_loop()
-        streams = [GenerationStream(next(self._ids), list(prompt_ids), p, loop) for p in params]
+        streams = [GenerationStream(next(self._ids), list(ids), params, loop) for ids, params in jobs]
         for stream in streams:
             self._waiting.put(stream)
         return streams
