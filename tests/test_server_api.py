@@ -365,3 +365,22 @@ def test_client_that_goes_away_frees_its_sequence(server, stream):
         sock.close()  # the client goes away mid-generation
     assert wait_running(server, 0) == 0  # the engine dropped the sequence
     assert chat(server, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def test_openai_sdk_reads_n_and_logprobs(server):
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=SECOND_KEY, max_retries=0)
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        max_tokens=4,
+        temperature=1.0,
+        seed=5,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in reply.choices] == [0, 1] and reply.usage.completion_tokens == 8
+    for choice in reply.choices:
+        assert len(choice.logprobs.content) == 4 and choice.finish_reason == "length"
+        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)

@@ -1,6 +1,8 @@
-"""Tier 3: batching limits over HTTP: a full queue gets 429 with Retry-After, a request that could never
-fit the KV cache gets 400, a client that disconnects frees its slot; the server keeps serving."""
+"""Tier 3: limits over HTTP: a full queue gets 429 with Retry-After, a request that could never fit the
+KV cache gets 400, body size 413, prompt tokens 400, request timeout 504 (and the sequence is freed),
+strict model names 404; the server keeps serving."""
 
+import json
 import subprocess
 import time
 
@@ -18,7 +20,7 @@ URL = "/v1/chat/completions"
 def body(max_tokens, stream=False):
     return {
         "ignore_eos": True,  # the random model may emit an EOS id early; these requests must run long
-        "model": "m",
+        "model": "m",  # an alias of the served name on the narrow server, which refuses unknown names
         "messages": [{"role": "user", "content": "Olá"}],
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -28,12 +30,14 @@ def body(max_tokens, stream=False):
 
 @pytest.fixture(scope="module")
 def narrow_server(tiny_model_dir, tmp_path_factory):
-    """One sequence at a time, one waiting, and a KV cache of 1953 tokens (1024 bytes per token in float32)."""
+    """One sequence at a time, one waiting, and a KV cache of 1953 tokens (1024 bytes per token in float32);
+    aliases, strict names, a 4 KiB body limit and a 64-token prompt limit."""
     tmp = tmp_path_factory.mktemp("narrow")
     config = tmp / "config.yaml"
     config.write_text(
-        f"model:\n  id: {tiny_model_dir}\n  dtype: float32\n"
+        f"model:\n  id: {tiny_model_dir}\n  dtype: float32\n  aliases: [m, gpt-4o-mini]\n  strict_names: true\n"
         "server:\n  max_concurrent_sequences: 1\n  max_queued_requests: 1\n  kv_cache_gb: 0.002\n"
+        "  max_body_bytes: 4096\n  max_prompt_tokens: 64\n"
     )
     srv = RunningServer(["--config", str(config)], log_path=tmp / "server.log")
     try:
@@ -95,3 +99,84 @@ def test_sigterm_to_the_main_process_shuts_everything_down(tiny_model_dir, tmp_p
         assert "KeyboardInterrupt received. Initiating graceful shutdown." in srv.log_path.read_text()
     finally:
         srv.stop()
+
+
+def test_strict_names_aliases_and_models_list(narrow_server):
+    base = narrow_server.base_url
+    listed = httpx.get(base + "/v1/models").json()
+    validate(listed, "ListModelsResponse")
+    assert [m["id"] for m in listed["data"]] == ["phi-3.5-mini-instruct", "m", "gpt-4o-mini"]
+    ok = httpx.post(base + URL, json={**body(2), "model": "gpt-4o-mini"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["model"] == "gpt-4o-mini"  # the name asked for
+    refused = httpx.post(base + URL, json={**body(2), "model": "llama-3"}, timeout=60)
+    assert refused.status_code == 404
+    validate(refused.json(), "ErrorResponse")
+    assert refused.json()["error"] == {
+        "message": "The model 'llama-3' does not exist. This server serves: phi-3.5-mini-instruct, m, gpt-4o-mini.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+    completion = httpx.post(base + "/v1/completions", json={"model": "llama-3", "prompt": "x"}, timeout=60)
+    assert completion.status_code == 404
+
+
+def test_body_size_and_prompt_token_limits(narrow_server):
+    base = narrow_server.base_url
+    big = httpx.post(base + URL, json={**body(2), "messages": [{"role": "user", "content": "x" * 5000}]}, timeout=60)
+    assert big.status_code == 413
+    validate(big.json(), "ErrorResponse")
+    assert big.json()["error"]["code"] == "request_too_large"
+    assert "the limit is 4096 bytes (server.max_body_bytes)" in big.json()["error"]["message"]
+    long_prompt = {**body(2), "messages": [{"role": "user", "content": "palavra " * 40}]}
+    r = httpx.post(base + URL, json=long_prompt, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("messages", "prompt_too_long")
+    assert "this server accepts at most 64 (server.max_prompt_tokens)" in error["message"]
+    r = httpx.post(base + "/v1/completions", json={"model": "m", "prompt": "palavra " * 40}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+    ok = httpx.post(base + URL, json=body(2), timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.fixture(scope="module")
+def hurried_server(tiny_model_dir, tmp_path_factory):
+    """Requests may take 0.2 s at most: a 400-token answer (about a second here) never makes it."""
+    tmp = tmp_path_factory.mktemp("hurried")
+    config = tmp / "config.yaml"
+    config.write_text(f"model:\n  id: {tiny_model_dir}\nserver:\n  request_timeout_s: 0.2\n")
+    srv = RunningServer(["--config", str(config)], log_path=tmp / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def running(server) -> int:
+    text = httpx.get(server.base_url + "/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith("ptserve_running_sequences "))
+    return int(float(line.split()[1]))
+
+
+def test_request_timeout_cancels_stream_and_not(hurried_server):
+    base = hurried_server.base_url
+    r = httpx.post(base + URL, json=body(400), timeout=60)
+    assert r.status_code == 504
+    validate(r.json(), "ErrorResponse")
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "timeout")
+    assert "did not finish within 0.2 s (server.request_timeout_s)" in error["message"]
+    with httpx.stream("POST", base + URL, json=body(400, stream=True), timeout=60) as s:
+        assert s.status_code == 200
+        frames = [line.removeprefix("data: ") for line in s.iter_lines() if line]
+    assert frames[-1] == "[DONE]"
+    last = json.loads(frames[-2])
+    validate(last, "ErrorResponse")
+    assert last["error"]["code"] == "timeout"
+    for _ in range(100):  # both sequences leave the engine
+        if running(hurried_server) == 0:
+            break
+        time.sleep(0.05)
+    assert running(hurried_server) == 0
