@@ -40,7 +40,7 @@ def at(server, code: str) -> str:
 
 def test_curl_examples(readme_server):
     curls = [b for b in blocks("sh") if b.startswith("curl")]
-    assert len(curls) == 2
+    assert len(curls) == 3
     plain = subprocess.run(["bash", "-c", at(readme_server, curls[0])], capture_output=True, text=True, check=True)
     body = json.loads(plain.stdout)
     validate(body, "CreateChatCompletionResponse")
@@ -51,6 +51,11 @@ def test_curl_examples(readme_server):
     for frame in frames[:-1]:
         validate(json.loads(frame), "CreateChatCompletionStreamResponse")
     assert json.loads(frames[-2])["usage"]["completion_tokens"] >= 1
+    legacy = subprocess.run(["bash", "-c", at(readme_server, curls[2])], capture_output=True, text=True, check=True)
+    body = json.loads(legacy.stdout)
+    validate(body, "CreateCompletionResponse")
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert all(len(c["logprobs"]["tokens"]) >= 1 for c in body["choices"])
 
 
 @pytest.mark.parametrize("which", ["openai", "langchain"])
