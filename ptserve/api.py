@@ -51,6 +51,7 @@ MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
 RETRY_AFTER_S = 1
 STATS_TIMEOUT_S = 5.0
+SEED_SPACE = 2**64  # torch generators take 64-bit seeds
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away": never seen by that client
 
 
@@ -436,7 +437,7 @@ class ChatAPI(ls.LitAPI):
         out = []
         for prompt in job.prompts:
             for j in range(job.n):
-                seed = job.params.seed + j if job.params.seed is not None else None
+                seed = (job.params.seed + j) % SEED_SPACE if job.params.seed is not None else None
                 out.append((prompt, dataclasses.replace(job.params, seed=seed, stop_token_ids=stop_ids)))
         return out
 

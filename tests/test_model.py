@@ -464,3 +464,21 @@ def test_submit_many_queues_all_or_none(loaded, tokenizer):
     finally:
         engine.shutdown()
     assert len({tuple(o) for o in outs}) == 3 and all(len(o) == 5 for o in outs)
+
+
+def test_bad_settings_fail_one_request_not_the_batch(engine, tokenizer):
+    ids = prompt_ids(tokenizer)
+
+    async def scenario():
+        bad = engine.submit(ids, SamplingParams(4, temperature=0.0, logit_bias=((10**6, 1.0),)))
+        good = engine.submit(ids, SamplingParams(4, temperature=0.0))
+        outs = []
+        for stream in (bad, good):
+            async for out in stream:
+                last = out
+            outs.append((last.finish_reason, stream.error))
+        return outs
+
+    (bad_finish, bad_error), (good_finish, good_error) = asyncio.run(scenario())
+    assert bad_finish == "error" and "IndexError" in bad_error
+    assert (good_finish, good_error) == ("length", None)

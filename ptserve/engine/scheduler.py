@@ -275,7 +275,12 @@ class Engine:
             if self._group and tokens + prompt > self.prefill_chunk:
                 break  # next iteration's group
             self._held.popleft()
-            state = RowState.create(stream.params, stream.prompt_ids, self.vocab_size, self.device)
+            try:
+                state = RowState.create(stream.params, stream.prompt_ids, self.vocab_size, self.device)
+            except (RuntimeError, IndexError, ValueError) as exc:  # bad settings fail this request only
+                stream.error = f"{type(exc).__name__}: {exc}"
+                stream._publish(None, "error")
+                continue
             self._group.append(_Row(stream, state, budget))
             tokens += prompt
             longest = max(longest, prompt + budget)
