@@ -37,6 +37,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ptserve import metrics, streaming
 from ptserve.config import Config
 from ptserve.engine.detokenize import TextStream, TokenNames
+from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
 from ptserve.errors import APIError, envelope, error_body
@@ -178,7 +179,7 @@ class ChatSpec(LitSpec):
     def _format(self, prepared: Prepared, chat: bool):
         req = prepared.request
         if chat:
-            return streaming.ChatFormat(prepared.model, req.choices(), req.include_usage())
+            return streaming.ChatFormat(prepared.model, req.choices(), req.include_usage(), req.tool_mode())
         return streaming.TextFormat(
             prepared.model,
             prepared.prompt_texts,
@@ -242,7 +243,7 @@ class ChatSpec(LitSpec):
                     yield streaming.sse(msg["error"])
                     break
                 choice = choices[msg["index"]]
-                frame = fmt.delta(
+                frames = fmt.delta(
                     msg["index"],
                     msg["text"],
                     logprobs=msg.get("logprobs"),
@@ -250,10 +251,11 @@ class ChatSpec(LitSpec):
                     first=not choice.pieces,
                 )
                 choice.add(msg)
-                if frame:
+                for frame in frames:
                     yield frame
                 if msg["finish_reason"]:
-                    yield fmt.finish(msg["index"], msg["finish_reason"])
+                    for frame in fmt.finish(msg["index"], msg["finish_reason"]):
+                        yield frame
                     if all(c.finish_reason for c in choices.values()):
                         finished = True
                         if fmt.include_usage:
@@ -374,6 +376,7 @@ class ChatAPI(ls.LitAPI):
         self.tokenizer = loaded.tokenizer
         self.names = TokenNames(loaded.tokenizer)
         self.eos_token_ids = tuple(loaded.eos_token_ids)
+        grammars = GrammarBackend(loaded.tokenizer, loaded.model.config.vocab_size, list(self.eos_token_ids))
         server = self.config.server
         engine = Engine(
             loaded.model,
@@ -381,6 +384,7 @@ class ChatAPI(ls.LitAPI):
             max_queued=server.max_queued_requests,
             max_seqs=server.max_concurrent_sequences,
             kv_budget_bytes=loader.kv_cache_bytes(self.config, loaded.device),
+            grammars=grammars,
         )
         logger.info(
             "engine: %d sequences at once, KV cache budget %d tokens (%.2f GB)",

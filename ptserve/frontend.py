@@ -23,6 +23,7 @@ from ptserve.protocol import (
     validate_completion_request,
     validate_request,
 )
+from ptserve.structured import build_grammar, check_grammar, tools_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +104,17 @@ class Frontend:
         request = validate_request(body)
         model = self.response_model(request.model)
         check_token_ids(request.logit_bias, self.vocab_size)
-        messages = render_messages(request.messages, self.config.system_prompt)
+        messages = render_messages(request.messages, self.config.system_prompt, tools_prompt(request))
         prompt_ids = encode_prompt(self.tokenizer, messages)
         self._limit_prompt(len(prompt_ids), "messages")
         max_tokens = resolve_max_tokens(
             len(prompt_ids), request.requested_max_tokens(), self.config.generation.max_tokens, self.context_length
         )
         params = request.to_sampling_params(self.config.generation, max_tokens)
+        grammar = build_grammar(request)
+        if grammar is not None:
+            check_grammar(grammar, request)
+            params = replace(params, grammar=grammar)
         job = Job([prompt_ids], params, request.stop_strings(), bool(request.ignore_eos), request.choices())
         return Prepared(request, job, model)
 

@@ -11,14 +11,17 @@ from ptserve.protocol import ChatMessage, ToolCall
 
 def render_tool_calls(calls: list[ToolCall]) -> str:
     """An assistant's tool calls as text Phi-3.5 can read back: one `<tool_call>` block per call holding
-    {"name", "arguments"} JSON (the Hermes/Qwen convention many models have seen)."""
+    compact {"name", "arguments"} JSON (the Hermes/Qwen convention many models have seen), exactly as
+    the tool-call grammar (`structured.build_grammar`) makes the model write them."""
     blocks = []
     for call in calls:
         try:
             arguments = json.loads(call.function.arguments)
         except json.JSONDecodeError:
             arguments = call.function.arguments  # kept as the string the client sent
-        payload = json.dumps({"name": call.function.name, "arguments": arguments}, ensure_ascii=False)
+        payload = json.dumps(
+            {"name": call.function.name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":")
+        )
         blocks.append(f"<tool_call>\n{payload}\n</tool_call>")
     return "\n".join(blocks)
 
@@ -28,7 +31,7 @@ def render_tool_result(name: str | None, call_id: str, content: str) -> str:
     return f'<tool_response{label} id="{call_id}">\n{content}\n</tool_response>'
 
 
-def render_messages(messages: list[ChatMessage], system_prompt: str) -> list[dict[str, str]]:
+def render_messages(messages: list[ChatMessage], system_prompt: str, tools: str | None = None) -> list[dict[str, str]]:
     """Wire messages -> template messages.
 
     - `developer` is OpenAI's new name for `system`; Phi-3.5's template knows only `system`.
@@ -38,6 +41,7 @@ def render_messages(messages: list[ChatMessage], system_prompt: str) -> list[dic
       share one turn), named after the call they answer.
     - The configured system prompt is used only when the request brings no system/developer message;
       an empty system prompt turns it off.
+    - `tools` (the tool definitions, see `structured.tools_prompt`) end the first system message.
     """
     names = {call.id: call.function.name for m in messages for call in m.tool_calls or []}
     rendered: list[dict[str, str]] = []
@@ -56,6 +60,12 @@ def render_messages(messages: list[ChatMessage], system_prompt: str) -> list[dic
     rendered = [{"role": r["role"], "content": r["content"]} for r in rendered]
     if system_prompt and not any(m["role"] == "system" for m in rendered):
         rendered.insert(0, {"role": "system", "content": system_prompt})
+    if tools:
+        first = next((m for m in rendered if m["role"] == "system"), None)
+        if first is None:
+            rendered.insert(0, {"role": "system", "content": tools})
+        else:
+            first["content"] = f"{first['content']}\n\n{tools}" if first["content"] else tools
     return rendered
 
 

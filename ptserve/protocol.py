@@ -70,6 +70,44 @@ class ChatMessage(_Wire):
         return "\n".join(part.text or part.refusal or "" for part in self.content)
 
 
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and response-format names
+
+
+class FunctionDefinition(_Wire):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none = the function takes no arguments
+    strict: bool | None = None
+
+
+class Tool(_Wire):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Wire):
+    name: str
+
+
+class NamedToolChoice(_Wire):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Wire):
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(_Wire):
     model_config = ConfigDict(extra="allow", strict=True)  # include_obfuscation: accepted, nothing to obfuscate
     include_usage: bool | None = None
@@ -152,6 +190,18 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_mode(self) -> str:
+        """none | auto | required | named: OpenAI's defaults (auto with tools, none without)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return self.tool_choice if isinstance(self.tool_choice, str) else "named"
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens supersedes the deprecated max_tokens when both are sent.
@@ -195,7 +245,9 @@ def validation_param(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(item, str) and ("[" in item or item in ("str", "int", "constrained-str", "ContentPart")):
+        elif isinstance(item, str) and (
+            "[" in item or item in ("str", "int", "constrained-str", "ContentPart", "NamedToolChoice")
+        ):
             continue  # union branch names ("list[ContentPart]", "str"), not fields
         else:
             parts.append(str(item))
@@ -208,7 +260,36 @@ def validate_request(body: Any) -> ChatCompletionRequest:
     _check_messages(request.messages)
     if request.top_logprobs is not None and not request.logprobs:
         raise invalid_request("Invalid 'top_logprobs': it requires 'logprobs' to be true.", param="top_logprobs")
+    _check_tools(request)
     return request
+
+
+def _check_tools(request: ChatCompletionRequest) -> None:
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise invalid_request(
+            "Missing required parameter: 'response_format.json_schema'.",
+            param="response_format.json_schema",
+            code="missing_required_parameter",
+        )
+    if request.tool_choice is not None and request.tool_choice != "none" and not request.tools:
+        raise invalid_request(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            param="tool_choice",
+        )
+    names = [t.function.name for t in request.tools or []]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise invalid_request(
+                f"Invalid 'tools': function names must be unique; {name!r} appears more than once.",
+                param=f"tools.[{i}].function.name",
+            )
+    if isinstance(request.tool_choice, NamedToolChoice) and request.tool_choice.function.name not in names:
+        raise invalid_request(
+            f"Invalid value for 'tool_choice': no function named {request.tool_choice.function.name!r} in 'tools' "
+            f"(have: {', '.join(names)}).",
+            param="tool_choice.function.name",
+        )
 
 
 def validate_completion_request(body: Any) -> CompletionRequest:
@@ -339,6 +420,12 @@ def _first_error(exc: ValidationError) -> APIError:
     if err["type"] == "missing":
         return invalid_request(
             f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+        )
+    if param == "tool_choice":
+        return invalid_request(
+            "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+            f'{{"type": "function", "function": {{"name": ...}}}}. Got {err.get("input")!r}.',
+            param=param,
         )
     value = err.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 200 else type(value).__name__

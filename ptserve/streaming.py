@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ptserve.structured import ToolCallParser
+
 DONE = "data: [DONE]\n\n"
 
 
@@ -87,13 +89,18 @@ def join_legacy(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class ChatFormat:
-    """chat.completion and chat.completion.chunk."""
+    """chat.completion and chat.completion.chunk. With tools (`tool_mode` other than "none") the text of
+    each choice goes through a ToolCallParser: tool calls come out as `tool_calls` deltas and bodies, and
+    the role is sent with a choice's first delta, once it is known whether that is content or a call."""
 
     model: str
     n: int = 1
     include_usage: bool = False
+    tool_mode: str = "none"
     id: str = field(default_factory=completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
+    _parsers: dict[int, ToolCallParser] = field(default_factory=dict)
+    _started: set[int] = field(default_factory=set)
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         body: dict[str, Any] = {
@@ -112,37 +119,89 @@ class ChatFormat:
         lp = {"content": logprobs, "refusal": None} if logprobs is not None else None
         return [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]
 
+    def _parser(self, index: int) -> ToolCallParser:
+        return self._parsers.setdefault(index, ToolCallParser(self.tool_mode))
+
     def start(self) -> list[str]:
+        if self.tool_mode != "none":
+            return []  # the role goes with each choice's first delta
+        self._started.update(range(self.n))
         return [self._chunk(self._choice(i, {"role": "assistant", "content": ""})) for i in range(self.n)]
 
-    def delta(self, index: int, text: str, logprobs: list[dict[str, Any]] | None = None, **_: Any) -> str | None:
-        if not text and not logprobs:
-            return None
-        return self._chunk(self._choice(index, {"content": text}, logprobs=logprobs))
+    def delta(self, index: int, text: str, logprobs: list[dict[str, Any]] | None = None, **_: Any) -> list[str]:
+        if self.tool_mode == "none":
+            deltas = [{"content": text}] if text else []
+        else:
+            deltas = [_event_delta(e) for e in self._parser(index).feed(text)]
+        if logprobs and not deltas:
+            deltas = [{"content": ""}]
+        return self._frames(index, deltas, logprobs)
 
-    def finish(self, index: int, reason: str) -> str:
-        return self._chunk(self._choice(index, {}, reason))
+    def _frames(self, index: int, deltas: list[dict[str, Any]], logprobs=None, finish=None) -> list[str]:
+        frames = []
+        for k, delta in enumerate(deltas):
+            if index not in self._started:
+                self._started.add(index)
+                delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
+            frames.append(self._chunk(self._choice(index, delta, logprobs=logprobs if k == 0 else None)))
+        return frames
+
+    def finish(self, index: int, reason: str) -> list[str]:
+        frames: list[str] = []
+        if self.tool_mode != "none":
+            parser = self._parser(index)
+            frames += self._frames(index, [_event_delta(e) for e in parser.finish()])
+            if parser.calls and reason == "stop":
+                reason = "tool_calls"
+        if index not in self._started:
+            frames += self._frames(index, [{"content": ""}])
+        return [*frames, self._chunk(self._choice(index, {}, reason))]
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
 
+    def _message(self, c: Choice) -> tuple[dict[str, Any], str | None]:
+        if self.tool_mode == "none":
+            return {"role": "assistant", "content": c.text, "refusal": None}, c.finish_reason
+        parsed = ToolCallParser.parse(self.tool_mode, c.text)
+        if not parsed.calls:
+            return {"role": "assistant", "content": parsed.content or "", "refusal": None}, c.finish_reason
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": parsed.calls}
+        return message, "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+
     def body(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
+        out = []
+        for c in choices:
+            message, finish = self._message(c)
+            out.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": {"content": c.logprobs, "refusal": None} if c.logprobs is not None else None,
+                    "finish_reason": finish,
+                }
+            )
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": {"content": c.logprobs, "refusal": None} if c.logprobs is not None else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for c in choices
-            ],
+            "choices": out,
             "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
         }
+
+
+def _event_delta(event: tuple) -> dict[str, Any]:
+    """A ToolCallParser event -> a chat delta. `id`, `type` and `name` only on a call's first delta."""
+    if event[0] == "content":
+        return {"content": event[1]}
+    if event[0] == "call":
+        _, index, cid, name = event
+        return {
+            "tool_calls": [{"index": index, "id": cid, "type": "function", "function": {"name": name, "arguments": ""}}]
+        }
+    _, index, fragment = event
+    return {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
 
 
 @dataclass
@@ -179,7 +238,7 @@ class TextFormat:
     def start(self) -> list[str]:
         return []  # with echo the prompt goes out with the first delta, which brings its logprobs
 
-    def delta(self, index: int, text: str, logprobs=None, prompt_logprobs=None, first=False) -> str | None:
+    def delta(self, index: int, text: str, logprobs=None, prompt_logprobs=None, first=False) -> list[str]:
         """`first`: the choice's first delta, which brings the echoed prompt (and its logprobs)."""
         echo = self._prompt_of(index) if self.echo and first else ""
         offset = self._offsets.get(index, 0) + len(echo)
@@ -190,11 +249,11 @@ class TextFormat:
             if echo:
                 lp = join_legacy(legacy_logprobs(prompt_logprobs or [], 0), lp)
         if not echo + text and not (lp and lp["tokens"]):
-            return None
-        return self._chunk([{"text": echo + text, "index": index, "logprobs": lp, "finish_reason": None}])
+            return []
+        return [self._chunk([{"text": echo + text, "index": index, "logprobs": lp, "finish_reason": None}])]
 
-    def finish(self, index: int, reason: str) -> str:
-        return self._chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": reason}])
+    def finish(self, index: int, reason: str) -> list[str]:
+        return [self._chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": reason}])]
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
         return self._chunk([], usage=usage(prompt_tokens, completion_tokens))

@@ -62,7 +62,9 @@ def _normalizer():
     return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
 
 
-def build_tokenizer(path: Path, shape: TinyShape):
+def build_tokenizer(path: Path, shape: TinyShape, corpus: list[str] | None = None):
+    """`corpus`: text to learn merges from (default: a few built-in lines); a large vocab_target needs
+    a large corpus."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -71,10 +73,12 @@ def build_tokenizer(path: Path, shape: TinyShape):
         special_tokens=SPECIAL_TOKENS[:3],
         show_progress=False,
         initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789▁.,!?"),
+        # With a real corpus, pieces stay short as in real vocabularies (long runs like "####" stay split).
+        max_token_length=16 if corpus is not None else None,
     )
     trained = Tokenizer(models.BPE(unk_token="<unk>"))
     trained.normalizer = _normalizer()
-    trained.train_from_iterator(_CORPUS.splitlines() * 4, trainer=trainer)
+    trained.train_from_iterator(corpus if corpus is not None else _CORPUS.splitlines() * 4, trainer=trainer)
     learned = json.loads(trained.to_str())["model"]
     # As in Llama/Phi-3.5: <unk> <s> </s>, then the 256 byte-fallback tokens <0x00>..<0xFF> (ordinary,
     # not special: skipping special tokens on decode must keep them), then the learned pieces.
@@ -102,14 +106,14 @@ def build_tokenizer(path: Path, shape: TinyShape):
     return fast
 
 
-def build(path: str | Path, shape: TinyShape = TinyShape()) -> Path:
+def build(path: str | Path, shape: TinyShape = TinyShape(), corpus: list[str] | None = None) -> Path:
     """Write a random-weight Phi-3 and its tokenizer to `path`; return the path."""
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path, shape)
+    tokenizer = build_tokenizer(path, shape, corpus)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS]
     config = Phi3Config(
         vocab_size=len(tokenizer),

@@ -133,7 +133,7 @@ def test_tool_history_renders_for_phi35():
             ],
         }
     )
-    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lisboa"}}\n</tool_call>'
+    call = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Lisboa"}}\n</tool_call>'
     assert render_messages(request.messages, "") == [
         {"role": "user", "content": "Tempo em Lisboa e Porto?"},
         {"role": "assistant", "content": call + "\n" + call},

@@ -162,7 +162,7 @@ def test_next_tokens_logprobs_are_the_raw_models():
 # -- chunks and bodies against the official schema ----------------------------------------------------
 def test_chunks_follow_the_openai_rules_and_schema():
     w = streaming.ChatFormat("m", include_usage=True)
-    frames = [*w.start(), w.delta(0, "olá"), w.finish(0, "length"), w.usage(3, 1)]
+    frames = [*w.start(), *w.delta(0, "olá"), *w.finish(0, "length"), w.usage(3, 1)]
     bodies = [json.loads(f.removeprefix("data: ")) for f in frames]
     for body in bodies:
         validate(body, "CreateChatCompletionStreamResponse")
@@ -176,8 +176,8 @@ def test_chunks_follow_the_openai_rules_and_schema():
         "completion_tokens": 1,
         "total_tokens": 4,
     }
-    assert "usage" not in json.loads(streaming.ChatFormat("m").delta(0, "x").removeprefix("data: "))
-    assert streaming.ChatFormat("m").delta(0, "") is None  # nothing to say: no chunk
+    assert "usage" not in json.loads(streaming.ChatFormat("m").delta(0, "x")[0].removeprefix("data: "))
+    assert streaming.ChatFormat("m").delta(0, "") == []  # nothing to say: no chunk
 
 
 RECORD = {
@@ -202,7 +202,7 @@ def test_chat_body_with_n_choices_and_logprobs_schema():
     assert body["choices"][0]["logprobs"] == {"content": [RECORD], "refusal": None}
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     assert [json.loads(f[6:])["choices"][0]["index"] for f in fmt.start()] == [0, 1]
-    chunk = json.loads(fmt.delta(1, " oi", logprobs=[RECORD])[6:])
+    chunk = json.loads(fmt.delta(1, " oi", logprobs=[RECORD])[0][6:])
     validate(chunk, "CreateChatCompletionStreamResponse")
     assert chunk["choices"][0]["logprobs"]["content"] == [RECORD]
 
@@ -234,8 +234,8 @@ def test_legacy_completion_body_echo_and_logprobs():
     body["choices"][0]["logprobs"]["token_logprobs"][0] = 0.0
     body["choices"][0]["logprobs"]["top_logprobs"][0] = {}
     validate(body, "CreateCompletionResponse")
-    chunk = json.loads(fmt.delta(0, " oi", logprobs=[RECORD], prompt_logprobs=[first], first=True)[6:])
+    chunk = json.loads(fmt.delta(0, " oi", logprobs=[RECORD], prompt_logprobs=[first], first=True)[0][6:])
     assert chunk["choices"][0]["text"] == "Olá oi" and chunk["object"] == "text_completion"
     assert chunk["choices"][0]["logprobs"]["text_offset"] == [0, 3]
-    later = json.loads(fmt.delta(0, "!", logprobs=[{**RECORD, "token": "!"}])[6:])
+    later = json.loads(fmt.delta(0, "!", logprobs=[{**RECORD, "token": "!"}])[0][6:])
     assert later["choices"][0]["text"] == "!" and later["choices"][0]["logprobs"]["text_offset"] == [6]

@@ -4,8 +4,9 @@ Everything works on a batch of rows, each with its own settings, so one request'
 penalties or seed never touches another's: logits [B, V] -> token ids [B].
 
 Order, as vLLM applies it: min_tokens (stop ids banned) -> logit_bias -> repetition, frequency and
-presence penalties -> temperature -> top_k -> top_p / min_p -> draw. Log-probabilities are the model's
-own (log_softmax of the raw logits, before any of that), which is what vLLM reports by default.
+presence penalties -> the grammar's mask -> temperature -> top_k -> top_p / min_p -> draw.
+Log-probabilities are the model's own (log_softmax of the raw logits, before any of that), which is
+what vLLM reports by default.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from ptserve.engine.grammar import GrammarBackend, Matcher, apply_bitmask
 
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (argmax), as OpenAI does for temperature 0
 
@@ -33,6 +36,7 @@ class SamplingParams:
     min_tokens: int = 0  # stop ids are banned until this many tokens exist
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's plus the k most likely
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) the output must follow
 
     @property
     def greedy(self) -> bool:
@@ -61,10 +65,18 @@ class RowState:
     counts: torch.Tensor | None = None  # [V] float: times each token was generated (penalties only)
     in_prompt: torch.Tensor | None = None  # [V] bool: tokens of the prompt (repetition penalty only)
     bias: torch.Tensor | None = None  # [V] float: the logit_bias, dense
+    matcher: Matcher | None = None  # the grammar's state, when the output is constrained
+    error: str | None = None  # the grammar rejected a token (a bug, never the model's fault)
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_ids: list[int], vocab: int, device) -> RowState:
+    def create(
+        cls, params: SamplingParams, prompt_ids: list[int], vocab: int, device, grammars: GrammarBackend | None = None
+    ) -> RowState:
         state = cls(params, make_generator(params, device))
+        if params.grammar is not None:
+            if grammars is None:
+                raise ValueError("this engine has no grammar backend")
+            state.matcher = grammars.matcher(params.grammar)
         if params.penalized:
             state.counts = torch.zeros(vocab, device=device)
         if params.repetition_penalty != 1.0:
@@ -80,6 +92,12 @@ class RowState:
         self.generated += 1
         if self.counts is not None:
             self.counts[token] += 1
+        if self.matcher is not None and not self.matcher.consume(token):
+            self.error = f"the grammar rejected token {token}: {self.matcher.error}"
+
+    @property
+    def grammar_done(self) -> bool:
+        return self.matcher is not None and self.matcher.stopped
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -187,13 +205,27 @@ def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[T
     return [TokenLogprob(lp, p) for lp, p in zip(chosen, pairs, strict=True)]
 
 
-def next_tokens(logits: torch.Tensor, states: list[RowState]) -> tuple[list[int], list[TokenLogprob | None]]:
+def apply_grammars(logits: torch.Tensor, states: list[RowState], grammars: GrammarBackend) -> torch.Tensor:
+    """Tokens a row's grammar does not allow next get -inf. logits: [B, V] float, changed in place."""
+    rows = [i for i, s in enumerate(states) if s.matcher is not None]
+    bitmask = grammars.bitmask(len(rows))
+    for j, i in enumerate(rows):
+        states[i].matcher.fill(bitmask, j)
+    logits[rows] = apply_bitmask(logits[rows], bitmask)
+    return logits
+
+
+def next_tokens(
+    logits: torch.Tensor, states: list[RowState], grammars: GrammarBackend | None = None
+) -> tuple[list[int], list[TokenLogprob | None]]:
     """One decoding step for a batch: logits [B, V] -> (token ids, logprobs where asked), and each row's
-    history updated."""
+    history (and grammar) updated."""
     raw = logits
     logits = logits.float()
     if any(s.counts is not None or s.bias is not None or s.params.min_tokens for s in states):
         logits = apply_penalties(logits.clone() if logits is raw else logits, states)
+    if grammars is not None and any(s.matcher is not None for s in states):
+        logits = apply_grammars(logits.clone() if logits is raw else logits, states, grammars)
     tokens_t = sample(logits, [s.params for s in states], [s.generator for s in states])
     tokens = tokens_t.tolist()
     logprobs: list[TokenLogprob | None] = [None] * len(states)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.kvcache import SlotKVCache, attention_mask
 from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, next_tokens
 
@@ -148,8 +149,10 @@ class Engine:
         max_seqs: int = 64,
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK_TOKENS,
+        grammars: GrammarBackend | None = None,
     ):
         self.model = model
+        self.grammars = grammars
         self.device = next(model.parameters()).device
         self.max_context_length = max_context_length
         self.max_queued = max_queued
@@ -276,7 +279,7 @@ class Engine:
                 break  # next iteration's group
             self._held.popleft()
             try:
-                state = RowState.create(stream.params, stream.prompt_ids, self.vocab_size, self.device)
+                state = RowState.create(stream.params, stream.prompt_ids, self.vocab_size, self.device, self.grammars)
             except (RuntimeError, IndexError, ValueError) as exc:  # bad settings fail this request only
                 stream.error = f"{type(exc).__name__}: {exc}"
                 stream._publish(None, "error")
@@ -380,7 +383,7 @@ class Engine:
 
     def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = self.model.lm_head(hidden)  # [n, V]
-        return next_tokens(logits, [r.state for r in rows])
+        return next_tokens(logits, [r.state for r in rows], self.grammars)
 
     def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict. hidden: [L, H]."""
@@ -400,11 +403,14 @@ class Engine:
         row.last_token = token
         if row.stream.cancelled.is_set():
             row.finish = "abort"
-        elif token in row.stream.params.stop_token_ids:
+        elif row.state.error is not None:
+            row.finish = "error"
+            row.stream.error = row.state.error
+        elif token in row.stream.params.stop_token_ids or row.state.grammar_done:
             row.finish = "stop"
         elif row.generated >= row.budget:
             row.finish = "length"
-        row.stream._publish(None if row.finish == "abort" else token, row.finish, logprob)
+        row.stream._publish(None if row.finish in ("abort", "error") else token, row.finish, logprob)
 
     def _fail_all(self, message: str) -> None:
         for r in self._rows + self._group:
