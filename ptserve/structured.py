@@ -70,8 +70,22 @@ def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def close_objects(schema: Any) -> Any:
+    """Objects that list `properties` and say nothing of `additionalProperties` get no others: what
+    OpenAI's strict mode requires and xgrammar's default does. Otherwise a model may go on adding keys
+    (pydantic's schemas, which LangChain sends, never say)."""
+    if isinstance(schema, list):
+        return [close_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _json_rule(schema: dict[str, Any]) -> str:
-    return "%json " + json.dumps({**schema, **COMPACT}, ensure_ascii=False)
+    return "%json " + json.dumps({**close_objects(schema), **COMPACT}, ensure_ascii=False)
 
 
 def _response_schema(request: ChatCompletionRequest) -> tuple[dict[str, Any], str] | None:

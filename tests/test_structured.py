@@ -189,3 +189,22 @@ def test_constrained_and_free_rows_in_one_batch(grammar_engine):
         [call] = ToolCallParser.parse("required", tok.decode(tokens, skip_special_tokens=True)).calls
         schema = WEATHER if call["function"]["name"] == "get_weather" else {"type": "object", "maxProperties": 0}
         jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+
+
+def test_objects_with_properties_are_closed_unless_they_say_otherwise():
+    from ptserve.structured import close_objects
+
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}, "c": {"type": "object"}},
+        "$defs": {"D": {"properties": {"x": {}}, "additionalProperties": True}},
+    }
+    assert close_objects(schema) == {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"b": {"type": "integer"}}, "additionalProperties": False},
+            "c": {"type": "object"},
+        },
+        "$defs": {"D": {"properties": {"x": {}}, "additionalProperties": True}},
+        "additionalProperties": False,
+    }
