@@ -239,3 +239,15 @@ def test_legacy_completion_body_echo_and_logprobs():
     assert chunk["choices"][0]["logprobs"]["text_offset"] == [0, 3]
     later = json.loads(fmt.delta(0, "!", logprobs=[{**RECORD, "token": "!"}])[0][6:])
     assert later["choices"][0]["text"] == "!" and later["choices"][0]["logprobs"]["text_offset"] == [6]
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_mass():
+    from ptserve.engine.sampling import draw
+
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]])
+    picks = [int(draw(probs, torch.tensor([u]))) for u in (0.0, 0.2, 0.25, 0.5, 0.999999)]
+    assert picks == [1, 1, 3, 3, 3]
+    gen = torch.Generator().manual_seed(0)
+    many = draw(probs.expand(20000, 5), torch.rand(20000, generator=gen))
+    assert set(many.tolist()) == {1, 3}
+    assert abs((many == 3).float().mean().item() - 0.75) < 0.02

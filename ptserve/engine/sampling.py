@@ -170,10 +170,13 @@ def sample(
 ) -> torch.Tensor:
     """logits: [B, V] (already penalized) -> next token ids [B], each row by its own params and generator."""
     logits = logits.float()
-    out = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return out
+    if len(rows) < len(params):
+        out = logits.argmax(dim=-1)
+        if not rows:
+            return out
+    else:
+        out = torch.empty(len(params), dtype=torch.long, device=logits.device)
     temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
     scaled = logits[rows] / temps.unsqueeze(-1)
     if any(params[i].top_k > 0 for i in rows):
@@ -185,9 +188,24 @@ def sample(
     min_ps = torch.tensor([params[i].min_p for i in rows], device=logits.device)
     if (min_ps > 0.0).any():
         probs = min_p_filter(probs, min_ps)
-    for j, i in enumerate(rows):
-        out[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
+    uniforms = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in rows])
+    out[rows] = draw(probs, uniforms)
     return out
+
+
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling, all rows at once: probs [R, V] (unnormalized is fine), uniforms [R] in [0, 1)
+    -> token ids [R]. One cumsum and one searchsorted for the batch instead of a torch.multinomial per
+    row (0.85 ms each on a 32k vocabulary on the CPU here). A token of zero probability is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)  # [R, V]; float64 so the tail's rounding cannot pick a masked token
+    target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)  # [R, 1], below each row's total
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    # right=True: the first index whose cumulative mass exceeds the target, so never a zero-mass token;
+    # should rounding still land there, take the row's most likely token instead.
+    zero = probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1) <= 0
+    if bool(zero.any()):
+        picked = torch.where(zero, probs.argmax(dim=-1), picked)
+    return picked
 
 
 def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[TokenLogprob]:
@@ -211,6 +229,8 @@ def apply_grammars(logits: torch.Tensor, states: list[RowState], grammars: Gramm
     bitmask = grammars.bitmask(len(rows))
     for j, i in enumerate(rows):
         states[i].matcher.fill(bitmask, j)
+    if len(rows) == len(states):
+        return apply_bitmask(logits, bitmask)
     logits[rows] = apply_bitmask(logits[rows], bitmask)
     return logits
 
