@@ -58,10 +58,11 @@ def test_curl_examples(readme_server):
     assert all(len(c["logprobs"]["tokens"]) >= 1 for c in body["choices"])
 
 
-@pytest.mark.parametrize("which", ["openai", "langchain"])
+@pytest.mark.parametrize("which", range(3))
 def test_python_examples(readme_server, which):
-    [code] = [b for b in blocks("python") if f"from {which}" in b or f"from {which}_openai" in b]
+    code = blocks("python")[which]
+    assert len(blocks("python")) == 3  # openai, LangChain, tools and structured output
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(at(readme_server, code), f"README-{which}", "exec"), {})
-    assert out.getvalue().count("\n") >= 2  # one answer, one streamed answer
+        exec(compile(at(readme_server, code), f"README-python-{which}", "exec"), {})
+    assert out.getvalue().count("\n") >= 2  # two answers
