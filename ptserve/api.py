@@ -8,14 +8,15 @@ Request path:
                  choice (detokenize, stop strings) -> coalesced {"index", "text", "completion_tokens",
                  "finish_reason", "logprobs"?} messages back
   HTTP process   -> SSE chunks or one body (ptserve.streaming)
-A client that goes away (streamed or not) or a request past server.request_timeout_s sends a Cancel for
-its uid; the engine drops its sequences at the next step.
+A client that goes away (streamed or not) or a request past server.request_timeout_s marks its uid
+cancelled in a shared dict (ptserve.worker.Shared); the worker holding it drops its sequences at its
+next poll, whichever of several workers that is. Every response carries `x-request-id` (the client's
+own, or a new one), and every log line about the request names it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import secrets
@@ -34,15 +35,13 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from ptserve import metrics, streaming
+from ptserve import streaming
 from ptserve.config import Config
-from ptserve.engine.detokenize import TextStream, TokenNames
-from ptserve.engine.grammar import GrammarBackend
-from ptserve.engine.sampling import SamplingParams
-from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
 from ptserve.errors import APIError, envelope, error_body
 from ptserve.frontend import Frontend, Job, Prepared
-from ptserve.logs import configure_logging
+from ptserve.logs import configure_logging, request_id_var
+from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
+from ptserve.worker import RETRY_AFTER_S, Shared, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +49,9 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
-RETRY_AFTER_S = 1
-STATS_TIMEOUT_S = 5.0
-SEED_SPACE = 2**64  # torch generators take 64-bit seeds
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away": never seen by that client
-
-
-@dataclasses.dataclass
-class Cancel:
-    uid: str
-
-
-@dataclasses.dataclass
-class Stats:
-    """Asks the worker for its engine's counters."""
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID = 128  # longer or odd client ids are replaced by our own
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -77,16 +65,19 @@ class ChatSpec(LitSpec):
         self.config = config
         self.api_path = CHAT_PATH
         self.frontend: Frontend | None = None  # loaded in the API server process only
+        self.shared: Shared | None = None  # set by _Server before the processes start
+        self.metrics = HttpMetrics()
         self.created = int(time.time())
         self.add_endpoint(CHAT_PATH, self.chat_completions, ["POST"])
         self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
         self.add_endpoint(MODELS_PATH, self.list_models, ["GET"])
         self.add_endpoint(MODELS_PATH + "/{model:path}", self.retrieve_model, ["GET"])
-        self.add_endpoint(METRICS_PATH, self.metrics, ["GET"])
+        self.add_endpoint(METRICS_PATH, self.metrics_page, ["GET"])
 
     def __getstate__(self):
         state = super().__getstate__()
         state["frontend"] = None  # the worker has its own tokenizer
+        state["metrics"] = None  # counted in the HTTP process only
         return state
 
     @property
@@ -139,9 +130,10 @@ class ChatSpec(LitSpec):
             )
         return JSONResponse(self._model_object(model))
 
-    async def metrics(self, request: Request) -> Response:
-        stats = await self._ask_worker(Stats())
-        return Response(metrics.render(stats), media_type=metrics.CONTENT_TYPE)
+    async def metrics_page(self, request: Request) -> Response:
+        if self.shared is not None:
+            self.metrics.workers = self.shared.stats
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, self.frontend.prepare, chat=True)
@@ -150,12 +142,17 @@ class ChatSpec(LitSpec):
         return await self._serve(request, self.frontend.prepare_completion, chat=False)
 
     async def _serve(self, request: Request, prepare, chat: bool) -> Response:
+        start = time.monotonic()
         deadline = _deadline(self.config.server.request_timeout_s)
         try:
             self._authorize(request)
             prepared = prepare(await _json_body(request, self.config.server.max_body_bytes))
         except APIError as exc:
+            logger.info("refused with %d: %s", exc.status, exc.message)
             return error_response(exc)
+        prepared.job.request_id = request_id_var.get()
+        prepared.clock = TokenClock(self.metrics, start)
+        self.metrics.prompt_tokens.inc(prepared.prompt_tokens)
         uid = uuid.uuid4().hex
         messages = self._submit(uid, prepared.job)
         try:
@@ -190,25 +187,16 @@ class ChatSpec(LitSpec):
         )
 
     # -- talking to the worker ----------------------------------------------------------------------
-    def _send(self, uid: str, job: Job | Cancel | Stats) -> None:
+    def _send(self, uid: str, job: Job) -> None:
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), (uid, job)))
 
-    def _submit(self, uid: str, job: Job | Stats):
+    def _submit(self, uid: str, job: Job):
         """Send a job; returns the async iterator of the worker's messages for it."""
         q: deque = deque()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=q)
         self._send(uid, job)
         return self._messages(q, event)
-
-    async def _ask_worker(self, job: Stats) -> dict[str, Any]:
-        uid = uuid.uuid4().hex
-        try:
-            return await asyncio.wait_for(anext(self._submit(uid, job)), STATS_TIMEOUT_S)
-        except (TimeoutError, StopAsyncIteration):
-            return {}
-        finally:
-            self.response_buffer.pop(uid, None)
 
     async def _messages(self, q: deque, event: asyncio.Event):
         async for data, status in self.data_streamer(q, event, send_status=True):
@@ -220,7 +208,8 @@ class ChatSpec(LitSpec):
 
     def _cancel(self, uid: str) -> None:
         self.response_buffer.pop(uid, None)
-        self._send(uid + "-cancel", Cancel(uid))  # nobody waits for an answer to a cancel
+        if self.shared is not None:
+            self.shared.cancelled[uid] = time.time()  # the worker that holds it picks it up
 
     async def _sse(self, uid: str, messages, fmt, prepared: Prepared, deadline: float | None):
         choices = {i: streaming.Choice(i) for i in range(prepared.job.choices)}
@@ -243,6 +232,7 @@ class ChatSpec(LitSpec):
                     yield streaming.sse(msg["error"])
                     break
                 choice = choices[msg["index"]]
+                prepared.clock.message(msg)
                 frames = fmt.delta(
                     msg["index"],
                     msg["text"],
@@ -269,7 +259,7 @@ class ChatSpec(LitSpec):
                 self._cancel(uid)
 
     async def _complete(self, request: Request, uid: str, messages, fmt, prepared: Prepared, deadline) -> Response:
-        collect = asyncio.ensure_future(self._collect(messages, prepared.job.choices, deadline))
+        collect = asyncio.ensure_future(self._collect(messages, prepared, deadline))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -290,15 +280,16 @@ class ChatSpec(LitSpec):
             if uid in self.response_buffer:
                 self._cancel(uid)
 
-    async def _collect(self, messages, count: int, deadline: float | None):
+    async def _collect(self, messages, prepared: Prepared, deadline: float | None):
         """All choices of a non-streamed request, or the worker's error message."""
-        choices = [streaming.Choice(i) for i in range(count)]
+        choices = [streaming.Choice(i) for i in range(prepared.job.choices)]
         while not all(c.finish_reason for c in choices):
             msg = await _next(messages, deadline)
             if msg is None:
                 return {"error": envelope(500, "The inference worker ended the request early."), "status": 500}
             if "error" in msg:
                 return msg
+            prepared.clock.message(msg)
             choices[msg["index"]].add(msg)
         return choices
 
@@ -367,33 +358,11 @@ class ChatAPI(ls.LitAPI):
     def __init__(self, config: Config):
         super().__init__(spec=ChatSpec(config), enable_async=True, max_batch_size=1)
         self.config = config
+        self.shared: Shared | None = None  # set by _Server before the workers start
 
     def setup(self, device: str) -> None:
-        from ptserve.engine import loader
-
         configure_logging()
-        loaded = loader.load(self.config, device)
-        self.tokenizer = loaded.tokenizer
-        self.names = TokenNames(loaded.tokenizer)
-        self.eos_token_ids = tuple(loaded.eos_token_ids)
-        grammars = GrammarBackend(loaded.tokenizer, loaded.model.config.vocab_size, list(self.eos_token_ids))
-        server = self.config.server
-        engine = Engine(
-            loaded.model,
-            loaded.max_context_length,
-            max_queued=server.max_queued_requests,
-            max_seqs=server.max_concurrent_sequences,
-            kv_budget_bytes=loader.kv_cache_bytes(self.config, loaded.device),
-            grammars=grammars,
-        )
-        logger.info(
-            "engine: %d sequences at once, KV cache budget %d tokens (%.2f GB)",
-            server.max_concurrent_sequences,
-            engine.kv_budget_tokens,
-            engine.kv_budget_tokens * engine.bytes_per_token / 1e9,
-        )
-        self.engine = engine.start()
-        self.streams: dict[str, Any] = {}
+        self.worker = Worker(self.config, device, self.shared, self.config.server.workers_per_device)
 
     async def decode_request(self, request, **kwargs):
         return request
@@ -404,131 +373,8 @@ class ChatAPI(ls.LitAPI):
 
     async def predict(self, item, **kwargs):
         uid, job = item
-        if isinstance(job, Cancel):
-            for stream in self.streams.get(job.uid, []):
-                stream.cancel()
-            return
-        if isinstance(job, Stats):
-            yield self._stats()
-            return
-        try:
-            streams = self.engine.submit_many(self._sequences(job))
-        except EngineFull as exc:
-            message = f"The server is busy: {exc}. Retry after {RETRY_AFTER_S} s."
-            yield {"error": envelope(429, message, code="queue_full"), "status": 429}
-            return
-        except NeverFits as exc:
-            message = f"This request can never fit the server: {exc}. Lower max_tokens, n or the prompt."
-            yield {"error": envelope(400, message, param="max_tokens", code="kv_cache_exceeded"), "status": 400}
-            return
-        self.streams[uid] = streams
-        yield {"accepted": True}
-        choices = [
-            _text_messages(i, s, TextStream(self.tokenizer, job.stop), self.names) for i, s in enumerate(streams)
-        ]
-        try:
-            async for message in _merge(choices):
-                yield message
-        finally:
-            self.streams.pop(uid, None)
-            for stream in streams:
-                stream.cancel()  # no-op when finished; frees the slot if this task was cancelled
-
-    def _sequences(self, job: Job) -> list[tuple[list[int], SamplingParams]]:
-        """n sequences per prompt. With a seed, sequence j samples with seed + j: the n choices differ,
-        and the same request gives the same choices again."""
-        stop_ids = () if job.ignore_eos else self.eos_token_ids
-        out = []
-        for prompt in job.prompts:
-            for j in range(job.n):
-                seed = (job.params.seed + j) % SEED_SPACE if job.params.seed is not None else None
-                out.append((prompt, dataclasses.replace(job.params, seed=seed, stop_token_ids=stop_ids)))
-        return out
-
-    def _stats(self) -> dict[str, Any]:
-        engine = self.engine
-        return {
-            "running": engine.running,
-            "queued": engine.queued,
-            "max_running": engine.max_seqs,
-            "kv_budget_tokens": engine.kv_budget_tokens,
-        }
-
-
-async def _merge(generators):
-    """Interleave several async generators' items as they come."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(gen):
-        try:
-            async for item in gen:
-                await queue.put(item)
-        finally:
-            await queue.put(done)
-
-    tasks = [asyncio.ensure_future(pump(g)) for g in generators]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            else:
-                yield item
-        for task in tasks:
-            task.result()  # re-raise a pump's exception, if any
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _text_messages(index: int, stream, text: TextStream, names: TokenNames):
-    """One choice's engine outputs -> {"index", "text", "completion_tokens", "finish_reason"} messages, one
-    per engine read, with "logprobs" (and, first, "prompt_logprobs") when the request asked."""
-    produced = 0
-    first = True
-    async for out in stream:
-        if out.finish_reason == "error":
-            yield {"error": envelope(500, f"Generation failed: {stream.error}"), "status": 500}
-            return
-        pieces, finish, records = [], None, []
-        for k, token_id in enumerate(out.token_ids):
-            produced += 1
-            pieces.append(text.add(token_id))
-            if out.logprobs is not None:
-                lp = out.logprobs[k]
-                records.append(names.record(token_id, lp.logprob, lp.top))
-            if text.stopped:  # a stop string: tokens after it are dropped and not counted
-                stream.cancel()
-                finish = "stop"
-                break
-        if finish is None and out.finish_reason is not None:
-            pieces.append(text.finish())
-            finish = "stop" if text.stopped else out.finish_reason
-        chunk = "".join(pieces)
-        message: dict[str, Any] = {
-            "index": index,
-            "text": chunk,
-            "completion_tokens": produced,
-            "finish_reason": finish,
-        }
-        if stream.params.logprobs is not None:
-            message["logprobs"] = records
-        if first and stream.prompt_logprobs is not None:
-            message["prompt_logprobs"] = _prompt_records(stream, names)
-        if chunk or finish or records or "prompt_logprobs" in message:
-            first = False
+        async for message in self.worker.run(uid, job):
             yield message
-        if finish:
-            return
-
-
-def _prompt_records(stream, names: TokenNames) -> list[dict[str, Any]]:
-    records = []
-    for token_id, lp in zip(stream.prompt_ids, stream.prompt_logprobs, strict=True):
-        records.append(names.record(token_id, None) if lp is None else names.record(token_id, lp.logprob, lp.top))
-    return records
 
 
 # -- the server -------------------------------------------------------------------------------------
@@ -540,11 +386,64 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse(envelope(400, f"Invalid request: {exc.errors()}"), status_code=400)
 
 
+class RequestContext:
+    """ASGI middleware: a request id for every request (the client's `x-request-id` when it is sane,
+    else a new one) in the response headers and in every log line written while serving it; requests
+    counted by endpoint and status, and their duration, for /metrics."""
+
+    ENDPOINTS = (CHAT_PATH, COMPLETIONS_PATH, MODELS_PATH, METRICS_PATH, "/health", "/")
+
+    def __init__(self, app, metrics: HttpMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+        ok = 0 < len(given) <= MAX_REQUEST_ID and given.isprintable()
+        request_id = given if ok else f"req-{uuid.uuid4().hex[:24]}"
+        token = request_id_var.set(request_id)
+        endpoint = self._endpoint(scope["path"])
+        start = time.monotonic()
+        status = 500
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (REQUEST_ID_HEADER.encode(), request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            if endpoint in (CHAT_PATH, COMPLETIONS_PATH):
+                self.metrics.duration.labels(endpoint).observe(time.monotonic() - start)
+            request_id_var.reset(token)
+
+    def _endpoint(self, path: str) -> str:
+        if path in self.ENDPOINTS:
+            return path
+        return MODELS_PATH + "/{model}" if path.startswith(MODELS_PATH + "/") else "other"
+
+
 class _Server(ls.LitServer):
-    """LitServer that answers HTTP while the model loads: /health says 503 until the worker is ready
-    (LitServe's own run() does not listen before then). A worker that fails to load stops the server."""
+    """LitServer that answers HTTP while the model loads: /health says 503 until the workers are ready
+    (LitServe's own run() does not listen before then). A worker that fails to load stops the server.
+    It also makes the shared dicts (cancellations, worker counters) that every process sees."""
 
     load_failed = False
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        shared = Shared(cancelled=manager.dict(), stats=manager.dict())
+        for lit_api in self.litapi_connector:
+            lit_api.shared = shared
+            lit_api.spec.shared = shared
+        return manager
 
     def verify_worker_status(self):
         def watch():
@@ -566,7 +465,7 @@ class _Server(ls.LitServer):
 def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServer:
     api = ChatAPI(config)
     api.spec.frontend = frontend or Frontend.load(config)
-    middlewares = []
+    middlewares: list = [(RequestContext, {"metrics": api.spec.metrics})]
     if config.server.cors_origins:
         middlewares.append(
             (
@@ -580,7 +479,17 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
         )
     device = config.model.device
     accelerator = "auto" if device == "auto" else device.split(":")[0]
-    server = _Server(api, accelerator=accelerator, devices=1, timeout=False, middlewares=middlewares, fast_queue=True)
+    server = _Server(
+        api,
+        accelerator=accelerator,
+        devices=config.server.devices,
+        workers_per_device=config.server.workers_per_device,
+        timeout=False,
+        middlewares=middlewares,
+        fast_queue=True,
+    )
+    # On SIGTERM uvicorn stops accepting and lets in-flight requests finish for this long, then cancels them.
+    server.uvicorn_graceful_timeout = config.server.shutdown_timeout_s
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.app.add_exception_handler(RequestValidationError, _validation_error)
     return server

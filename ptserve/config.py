@@ -81,6 +81,9 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_prompt_tokens: int | None = Field(None, ge=1)
     request_timeout_s: float | None = Field(600.0, gt=0)
+    devices: int | Literal["auto"] = 1  # GPUs to use, one engine replica per device; "auto" = all
+    workers_per_device: int = Field(1, ge=1)  # engine replicas per device (each loads the model)
+    shutdown_timeout_s: float = Field(30.0, ge=0)  # on SIGTERM: in-flight requests may finish this long
     max_concurrent_sequences: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=1)
     kv_cache_gb: float | None = Field(None, gt=0)

@@ -39,6 +39,7 @@ class Job:
     stop: list[str]
     ignore_eos: bool = False
     n: int = 1
+    request_id: str = "-"  # for the worker's log lines
 
     @property
     def choices(self) -> int:
@@ -51,6 +52,7 @@ class Prepared:
     job: Job
     model: str  # the name the response carries
     prompt_texts: list[str] = field(default_factory=list)  # completions: for echo
+    clock: Any = None  # the HTTP side's metrics.TokenClock
 
     @property
     def prompt_tokens(self) -> int:

@@ -104,3 +104,17 @@ def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
         yield srv
     finally:
         srv.stop()
+
+
+def gauge(server, name: str) -> float:
+    """A worker gauge from /metrics, summed over the workers."""
+    text = httpx.get(server.base_url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def wait_gauge(server, name: str, want: float, limit_s: float = 30) -> float:
+    """Poll until the gauge reads `want` (workers publish every 50 ms); the last reading."""
+    deadline = time.monotonic() + limit_s
+    while (now := gauge(server, name)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, SECOND_KEY
+from tests.conftest import API_KEY, SECOND_KEY, wait_gauge
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.server
@@ -334,17 +333,8 @@ def test_model_retrieve_and_unknown_names_served(server):
 
 
 # -- disconnects -------------------------------------------------------------------------------------
-def running(server) -> int:
-    text = httpx.get(server.base_url + "/metrics").text
-    line = next(x for x in text.splitlines() if x.startswith("ptserve_running_sequences "))
-    return int(float(line.split()[1]))
-
-
-def wait_running(server, want: int, limit_s: float = 30) -> int:
-    deadline = time.monotonic() + limit_s
-    while (now := running(server)) != want and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return now
+def wait_running(server, want: int) -> float:
+    return wait_gauge(server, "ptserve_running_sequences", want)
 
 
 @pytest.mark.parametrize("stream", [False, True])

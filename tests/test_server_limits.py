@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, wait_gauge
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.server
@@ -154,12 +154,6 @@ def hurried_server(tiny_model_dir, tmp_path_factory):
         srv.stop()
 
 
-def running(server) -> int:
-    text = httpx.get(server.base_url + "/metrics").text
-    line = next(x for x in text.splitlines() if x.startswith("ptserve_running_sequences "))
-    return int(float(line.split()[1]))
-
-
 def test_request_timeout_cancels_stream_and_not(hurried_server):
     base = hurried_server.base_url
     r = httpx.post(base + URL, json=body(400), timeout=60)
@@ -175,8 +169,4 @@ def test_request_timeout_cancels_stream_and_not(hurried_server):
     last = json.loads(frames[-2])
     validate(last, "ErrorResponse")
     assert last["error"]["code"] == "timeout"
-    for _ in range(100):  # both sequences leave the engine
-        if running(hurried_server) == 0:
-            break
-        time.sleep(0.05)
-    assert running(hurried_server) == 0
+    assert wait_gauge(hurried_server, "ptserve_running_sequences", 0) == 0  # both sequences left the engine

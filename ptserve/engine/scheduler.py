@@ -226,6 +226,13 @@ class Engine:
     def running(self) -> int:
         return len(self._rows) + len(self._group)
 
+    @property
+    def kv_reserved_tokens(self) -> int:
+        """Positions the running sequences hold: padded rows x the longest reservation (read racily from
+        another thread: a gauge, not an invariant)."""
+        rows = list(self._rows) + list(self._group)
+        return len(rows) * max((r.reserve for r in rows), default=0)
+
     # -- engine thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping:

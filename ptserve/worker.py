@@ -1,0 +1,232 @@
+"""The inference worker's side of a request, without LitServe: the model, the engine, and the messages
+sent back to the HTTP process for each request.
+
+Messages: first {"accepted": True} or {"error": envelope, "status": 429|400}; then, per engine read and
+choice, {"index", "text", "completion_tokens", "finish_reason", "logprobs"?, "prompt_logprobs"?}.
+
+Several workers (devices x workers_per_device) may serve one HTTP process, and LitServe's request
+queue hands a request to any of them. So cancellations and counters go through `Shared`, two
+multiprocessing-manager dicts every process can see: the HTTP process marks a request id cancelled,
+the worker that holds it cancels it at its next poll; each worker publishes its engine's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from ptserve.config import Config
+from ptserve.engine import loader
+from ptserve.engine.detokenize import TextStream, TokenNames
+from ptserve.engine.grammar import GrammarBackend
+from ptserve.engine.sampling import SamplingParams
+from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
+from ptserve.errors import envelope
+from ptserve.frontend import Job
+from ptserve.logs import request_id_var
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+SEED_SPACE = 2**64  # torch generators take 64-bit seeds
+POLL_S = 0.05  # how often a worker looks for cancellations and publishes its counters
+CANCEL_TTL_S = 60.0  # a cancellation no worker claimed (the request had ended) is dropped after this
+
+
+@dataclasses.dataclass
+class Shared:
+    """Manager dicts shared by the HTTP process and every worker."""
+
+    cancelled: Any  # request uid -> time.time() of the cancellation
+    stats: Any  # worker name -> its engine's counters
+
+
+class Worker:
+    def __init__(self, config: Config, device: str | None, shared: Shared | None, workers_on_device: int = 1):
+        self.config = config
+        self.shared = shared
+        self.name = f"{device or 'cpu'}/{os.getpid()}"
+        loaded = loader.load(config, device)
+        self.tokenizer = loaded.tokenizer
+        self.names = TokenNames(loaded.tokenizer)
+        self.eos_token_ids = tuple(loaded.eos_token_ids)
+        grammars = GrammarBackend(loaded.tokenizer, loaded.model.config.vocab_size, list(self.eos_token_ids))
+        server = config.server
+        budget = loader.kv_cache_bytes(config, loaded.device)
+        if server.kv_cache_gb is None and loaded.device.type == "cuda":
+            budget //= workers_on_device  # replicas on one GPU share what is free
+        self.engine = Engine(
+            loaded.model,
+            loaded.max_context_length,
+            max_queued=server.max_queued_requests,
+            max_seqs=server.max_concurrent_sequences,
+            kv_budget_bytes=budget,
+            grammars=grammars,
+        ).start()
+        logger.info(
+            "engine %s: %d sequences at once, KV cache budget %d tokens (%.2f GB)",
+            self.name,
+            server.max_concurrent_sequences,
+            self.engine.kv_budget_tokens,
+            self.engine.kv_budget_tokens * self.engine.bytes_per_token / 1e9,
+        )
+        self.streams: dict[str, list] = {}
+        if shared is not None:
+            threading.Thread(target=self._poll, name="ptserve-worker-poll", daemon=True).start()
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def run(self, uid: str, job: Job):
+        """The messages for one request (see the module docstring)."""
+        request_id_var.set(job.request_id)
+        if self.shared is not None and uid in self.shared.cancelled:  # cancelled while it waited in the queue
+            self.shared.cancelled.pop(uid, None)
+            yield {"error": envelope(499, "The request was cancelled."), "status": 499}
+            return
+        try:
+            streams = self.engine.submit_many(self.sequences(job))
+        except EngineFull as exc:
+            message = f"The server is busy: {exc}. Retry after {RETRY_AFTER_S} s."
+            yield {"error": envelope(429, message, code="queue_full"), "status": 429}
+            return
+        except NeverFits as exc:
+            message = f"This request can never fit the server: {exc}. Lower max_tokens, n or the prompt."
+            yield {"error": envelope(400, message, param="max_tokens", code="kv_cache_exceeded"), "status": 400}
+            return
+        self.streams[uid] = streams
+        yield {"accepted": True}
+        choices = [
+            _text_messages(i, s, TextStream(self.tokenizer, job.stop), self.names) for i, s in enumerate(streams)
+        ]
+        try:
+            async for message in _merge(choices):
+                yield message
+        finally:
+            self.streams.pop(uid, None)
+            for stream in streams:
+                stream.cancel()  # no-op when finished; frees the slot if this task was cancelled
+
+    def sequences(self, job: Job) -> list[tuple[list[int], SamplingParams]]:
+        """n sequences per prompt. With a seed, sequence j samples with seed + j: the n choices differ,
+        and the same request gives the same choices again."""
+        stop_ids = () if job.ignore_eos else self.eos_token_ids
+        out = []
+        for prompt in job.prompts:
+            for j in range(job.n):
+                seed = (job.params.seed + j) % SEED_SPACE if job.params.seed is not None else None
+                out.append((prompt, dataclasses.replace(job.params, seed=seed, stop_token_ids=stop_ids)))
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "running": engine.running,
+            "queued": engine.queued,
+            "max_running": engine.max_seqs,
+            "kv_budget_tokens": engine.kv_budget_tokens,
+            "kv_reserved_tokens": engine.kv_reserved_tokens,
+            "time": time.time(),
+        }
+
+    # -- shared state -----------------------------------------------------------------------------
+    def _poll(self) -> None:
+        while True:
+            try:
+                self._claim_cancellations()
+                self.shared.stats[self.name] = self.stats()
+            except (OSError, EOFError, BrokenPipeError):  # the manager is gone: the server is stopping
+                return
+            except Exception:
+                logger.exception("worker poll failed")
+            time.sleep(POLL_S)
+
+    def _claim_cancellations(self) -> None:
+        now = time.time()
+        for uid, when in list(self.shared.cancelled.items()):
+            streams = self.streams.get(uid)
+            if streams is not None:
+                for stream in streams:
+                    stream.cancel()
+                self.shared.cancelled.pop(uid, None)
+            elif now - when > CANCEL_TTL_S:
+                self.shared.cancelled.pop(uid, None)
+
+
+async def _merge(generators):
+    """Interleave several async generators' items as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(gen):
+        try:
+            async for item in gen:
+                await queue.put(item)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(g)) for g in generators]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            else:
+                yield item
+        for task in tasks:
+            task.result()  # re-raise a pump's exception, if any
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _text_messages(index: int, stream, text: TextStream, names: TokenNames):
+    """One choice's engine outputs -> {"index", "text", "completion_tokens", "finish_reason"} messages, one
+    per engine read, with "logprobs" (and, first, "prompt_logprobs") when the request asked."""
+    produced = 0
+    first = True
+    async for out in stream:
+        if out.finish_reason == "error":
+            yield {"error": envelope(500, f"Generation failed: {stream.error}"), "status": 500}
+            return
+        pieces, finish, records = [], None, []
+        for k, token_id in enumerate(out.token_ids):
+            produced += 1
+            pieces.append(text.add(token_id))
+            if out.logprobs is not None:
+                lp = out.logprobs[k]
+                records.append(names.record(token_id, lp.logprob, lp.top))
+            if text.stopped:  # a stop string: tokens after it are dropped and not counted
+                stream.cancel()
+                finish = "stop"
+                break
+        if finish is None and out.finish_reason is not None:
+            pieces.append(text.finish())
+            finish = "stop" if text.stopped else out.finish_reason
+        chunk = "".join(pieces)
+        message: dict[str, Any] = {
+            "index": index,
+            "text": chunk,
+            "completion_tokens": produced,
+            "finish_reason": finish,
+        }
+        if stream.params.logprobs is not None:
+            message["logprobs"] = records
+        if first and stream.prompt_logprobs is not None:
+            message["prompt_logprobs"] = _prompt_records(stream, names)
+        if chunk or finish or records or "prompt_logprobs" in message:
+            first = False
+            yield message
+        if finish:
+            return
+
+
+def _prompt_records(stream, names: TokenNames) -> list[dict[str, Any]]:
+    records = []
+    for token_id, lp in zip(stream.prompt_ids, stream.prompt_logprobs, strict=True):
+        records.append(names.record(token_id, None) if lp is None else names.record(token_id, lp.logprob, lp.top))
+    return records
