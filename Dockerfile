@@ -1,7 +1,9 @@
-# ptserve on a CUDA PyTorch base. Build:   docker build -t ptserve .
+# ptserve on a CUDA PyTorch base.
+# Build:  docker build -t ptserve .
 # Run:    docker run --gpus all -p 8000:8000 -v hf-cache:/cache -e HF_TOKEN ptserve
-# Config: mount a file over /app/config.yaml (-v $PWD/config.yaml:/app/config.yaml:ro) or set
-#         PTSERVE_<SECTION>_<KEY> variables (-e PTSERVE_QUANTIZATION_MODE=4bit).
+# Config: a volume at /config holds config.yaml (-v $PWD/my-config:/config), or set PTSERVE_<SECTION>_<KEY>
+#         variables (-e PTSERVE_QUANTIZATION_MODE=4bit). Model downloads go to the /cache volume.
+# Checked with hadolint in `make test`; tests/test_deploy.py runs this file's CMD and HEALTHCHECK.
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -13,19 +15,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PTSERVE_SERVER_PORT=8000
 
 RUN useradd --create-home --uid 1000 ptserve \
-    && mkdir -p /app /cache \
-    && chown ptserve:ptserve /app /cache
+    && mkdir -p /app /cache /config \
+    && chown 1000:1000 /app /cache /config
 WORKDIR /app
 
-# Dependencies first (the base image's torch satisfies torch>=2.4 and is kept), then the code.
-COPY --chown=ptserve:ptserve pyproject.toml README.md ./
-COPY --chown=ptserve:ptserve ptserve ./ptserve
-RUN pip install --no-cache-dir .
-COPY --chown=ptserve:ptserve server.py config.yaml ./
+# Dependencies first, pinned (the base image's torch satisfies torch>=2.4 and is kept), then the code.
+COPY --chown=1000:1000 pyproject.toml README.md ./
+COPY --chown=1000:1000 docker/constraints.txt ./docker/constraints.txt
+COPY --chown=1000:1000 ptserve ./ptserve
+RUN pip install --no-cache-dir -c docker/constraints.txt .
+COPY --chown=1000:1000 server.py ./
+COPY --chown=1000:1000 config.yaml /config/config.yaml
 
-USER ptserve
-VOLUME ["/cache"]
+USER 1000:1000
+VOLUME ["/cache", "/config"]
 EXPOSE 8000
+# Kubernetes and docker stop send SIGTERM: in-flight requests get server.shutdown_timeout_s (30 s) to finish.
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD python -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:${PTSERVE_SERVER_PORT}/health', timeout=4)" || exit 1
-CMD ["python", "server.py", "--config", "/app/config.yaml"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PTSERVE_SERVER_PORT', '8000'), timeout=4)"]
+CMD ["python", "server.py", "--config", "/config/config.yaml"]

@@ -29,13 +29,13 @@ from typing import Any
 import litserve as ls
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from ptserve import streaming
+from ptserve import chatpage, streaming
 from ptserve.config import Config
 from ptserve.errors import APIError, envelope, error_body
 from ptserve.frontend import Frontend, Job, Prepared
@@ -490,6 +490,14 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
     )
     # On SIGTERM uvicorn stops accepting and lets in-flight requests finish for this long, then cancels them.
     server.uvicorn_graceful_timeout = config.server.shutdown_timeout_s
+    # The chat page replaces LitServe's "litserve running" at /.
+    server.app.router.routes[:] = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
+    page = chatpage.render(config)
+
+    async def chat_page(request: Request) -> HTMLResponse:
+        return HTMLResponse(page)
+
+    server.app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.app.add_exception_handler(RequestValidationError, _validation_error)
     return server
