@@ -7,10 +7,10 @@ torch (and what only torch needs) is left out: the CUDA base image brings it.
 
 import re
 import sys
-import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,6 +38,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ptserve import chatpage, streaming
 from ptserve.config import Config
 from ptserve.errors import APIError, envelope, error_body
+from ptserve.exchange import Deadline, Exchange, json_body
 from ptserve.frontend import Frontend, Job, Prepared
 from ptserve.logs import configure_logging, request_id_var
 from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
@@ -49,7 +50,6 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away": never seen by that client
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID = 128  # longer or odd client ids are replaced by our own
 
@@ -143,10 +143,10 @@ class ChatSpec(LitSpec):
 
     async def _serve(self, request: Request, prepare, chat: bool) -> Response:
         start = time.monotonic()
-        deadline = _deadline(self.config.server.request_timeout_s)
+        deadline = Deadline.after(self.config.server.request_timeout_s)
         try:
             self._authorize(request)
-            prepared = prepare(await _json_body(request, self.config.server.max_body_bytes))
+            prepared = prepare(await json_body(request, self.config.server.max_body_bytes))
         except APIError as exc:
             logger.info("refused with %d: %s", exc.status, exc.message)
             return error_response(exc)
@@ -164,14 +164,21 @@ class ChatSpec(LitSpec):
             status = first.get("status", 500)
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
             return JSONResponse(first["error"], status_code=status, headers=headers)
-        fmt = self._format(prepared, chat)
+
+        def release(finished: bool) -> None:
+            if finished:
+                self.response_buffer.pop(uid, None)
+            else:  # the client went away, the time ran out, or the worker failed: free the engine's slots
+                self._cancel(uid)
+
+        exchange = Exchange(messages, self._format(prepared, chat), prepared, deadline, release)
         if prepared.request.stream:
             return StreamingResponse(
-                self._sse(uid, messages, fmt, prepared, deadline),
+                exchange.sse(),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await self._complete(request, uid, messages, fmt, prepared, deadline)
+        return await exchange.complete(request)
 
     def _format(self, prepared: Prepared, chat: bool):
         req = prepared.request
@@ -210,147 +217,6 @@ class ChatSpec(LitSpec):
         self.response_buffer.pop(uid, None)
         if self.shared is not None:
             self.shared.cancelled[uid] = time.time()  # the worker that holds it picks it up
-
-    async def _sse(self, uid: str, messages, fmt, prepared: Prepared, deadline: float | None):
-        choices = {i: streaming.Choice(i) for i in range(prepared.job.choices)}
-        finished = False
-        try:
-            for frame in fmt.start():
-                yield frame
-            while True:
-                try:
-                    msg = await _next(messages, deadline)
-                except TimeoutError:
-                    finished = False
-                    yield streaming.sse(self._timeout_error())
-                    break
-                if msg is None:
-                    yield streaming.sse(envelope(500, "The inference worker ended the request early."))
-                    break
-                if "error" in msg:
-                    finished = True
-                    yield streaming.sse(msg["error"])
-                    break
-                choice = choices[msg["index"]]
-                prepared.clock.message(msg)
-                frames = fmt.delta(
-                    msg["index"],
-                    msg["text"],
-                    logprobs=msg.get("logprobs"),
-                    prompt_logprobs=msg.get("prompt_logprobs"),
-                    first=not choice.pieces,
-                )
-                choice.add(msg)
-                for frame in frames:
-                    yield frame
-                if msg["finish_reason"]:
-                    for frame in fmt.finish(msg["index"], msg["finish_reason"]):
-                        yield frame
-                    if all(c.finish_reason for c in choices.values()):
-                        finished = True
-                        if fmt.include_usage:
-                            yield fmt.usage(prepared.prompt_tokens, sum(c.completion_tokens for c in choices.values()))
-                        break
-            yield streaming.DONE
-        finally:
-            if finished:
-                self.response_buffer.pop(uid, None)
-            else:  # the client went away, the time ran out, or the worker failed: free the engine's slots
-                self._cancel(uid)
-
-    async def _complete(self, request: Request, uid: str, messages, fmt, prepared: Prepared, deadline) -> Response:
-        collect = asyncio.ensure_future(self._collect(messages, prepared, deadline))
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not collect.done():  # the client went away: nobody will read an answer
-                logger.info("client disconnected; request %s cancelled", uid)
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            try:
-                result = collect.result()
-            except TimeoutError:
-                return JSONResponse(self._timeout_error(), status_code=504)
-            if isinstance(result, dict):  # an error from the worker
-                return JSONResponse(result["error"], status_code=result.get("status", 500))
-            self.response_buffer.pop(uid, None)
-            return JSONResponse(fmt.body(result, prepared.prompt_tokens))
-        finally:
-            collect.cancel()
-            gone.cancel()
-            if uid in self.response_buffer:
-                self._cancel(uid)
-
-    async def _collect(self, messages, prepared: Prepared, deadline: float | None):
-        """All choices of a non-streamed request, or the worker's error message."""
-        choices = [streaming.Choice(i) for i in range(prepared.job.choices)]
-        while not all(c.finish_reason for c in choices):
-            msg = await _next(messages, deadline)
-            if msg is None:
-                return {"error": envelope(500, "The inference worker ended the request early."), "status": 500}
-            if "error" in msg:
-                return msg
-            prepared.clock.message(msg)
-            choices[msg["index"]].add(msg)
-        return choices
-
-    def _timeout_error(self) -> dict[str, Any]:
-        limit = self.config.server.request_timeout_s
-        return envelope(
-            504,
-            f"The request did not finish within {limit:g} s (server.request_timeout_s) and was cancelled. "
-            "Ask for fewer tokens (max_tokens) or stream the answer.",
-            code="timeout",
-        )
-
-
-def _deadline(timeout_s: float | None) -> float | None:
-    return None if timeout_s is None else time.monotonic() + timeout_s
-
-
-async def _next(messages, deadline: float | None):
-    """The worker's next message, None when it ended; TimeoutError past the deadline."""
-    try:
-        if deadline is None:
-            return await anext(messages)
-        return await asyncio.wait_for(anext(messages), max(deadline - time.monotonic(), 0.0))
-    except StopAsyncIteration:
-        return None
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body was read already, so the next ASGI
-    message is the disconnect)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _json_body(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(
-            "We could not parse the JSON body of your request. The body must be valid JSON "
-            "(send 'Content-Type: application/json')."
-        ) from None
-
-
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(
-        f"The request body is too large: {size} bytes or more; the limit is {limit} bytes (server.max_body_bytes).",
-        413,
-        code="request_too_large",
-    )
 
 
 # -- inference worker process -----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -85,6 +86,20 @@ class RunningServer:
                 self.proc.wait()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
+
+
+@contextlib.contextmanager
+def served(tmp_path_factory, name: str, config_text: str, args: tuple[str, ...] = ()):
+    """A server started from `config_text` (its log beside it), ready; stopped on exit."""
+    tmp = tmp_path_factory.mktemp(name)
+    config = tmp / "config.yaml"
+    config.write_text(config_text)
+    srv = RunningServer(["--config", str(config), *args], log_path=tmp / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="session")

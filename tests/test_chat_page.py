@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, RunningServer, wait_gauge
+from tests.conftest import API_KEY, served, wait_gauge
 
 pytestmark = pytest.mark.server
 
@@ -43,16 +43,10 @@ def endless_model(source: Path, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def page_server(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("page")
-    model = endless_model(tiny_model_dir, tmp / "model")
-    config = tmp / "config.yaml"
-    config.write_text(f"model:\n  id: {model}\n  max_context_length: 2048\nsystem_prompt: '{SYSTEM}'\n")
-    srv = RunningServer(["--config", str(config), "--api-key", API_KEY], log_path=tmp / "server.log")
-    try:
-        srv.wait_ready()
+    model = endless_model(tiny_model_dir, tmp_path_factory.mktemp("page-model") / "model")
+    text = f"model:\n  id: {model}\n  max_context_length: 2048\nsystem_prompt: '{SYSTEM}'\n"
+    with served(tmp_path_factory, "page", text, ("--api-key", API_KEY)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

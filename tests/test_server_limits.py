@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, wait_gauge
+from tests.conftest import RunningServer, served, wait_gauge
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.server
@@ -32,19 +32,14 @@ def body(max_tokens, stream=False):
 def narrow_server(tiny_model_dir, tmp_path_factory):
     """One sequence at a time, one waiting, and a KV cache of 1953 tokens (1024 bytes per token in float32);
     aliases, strict names, a 4 KiB body limit and a 64-token prompt limit."""
-    tmp = tmp_path_factory.mktemp("narrow")
-    config = tmp / "config.yaml"
-    config.write_text(
+    with served(
+        tmp_path_factory,
+        "narrow",
         f"model:\n  id: {tiny_model_dir}\n  dtype: float32\n  aliases: [m, gpt-4o-mini]\n  strict_names: true\n"
         "server:\n  max_concurrent_sequences: 1\n  max_queued_requests: 1\n  kv_cache_gb: 0.002\n"
-        "  max_body_bytes: 4096\n  max_prompt_tokens: 64\n"
-    )
-    srv = RunningServer(["--config", str(config)], log_path=tmp / "server.log")
-    try:
-        srv.wait_ready()
+        "  max_body_bytes: 4096\n  max_prompt_tokens: 64\n",
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_full_queue_gets_429_with_retry_after(narrow_server):
@@ -143,15 +138,9 @@ def test_body_size_and_prompt_token_limits(narrow_server):
 @pytest.fixture(scope="module")
 def hurried_server(tiny_model_dir, tmp_path_factory):
     """Requests may take 0.2 s at most: a 400-token answer (about a second here) never makes it."""
-    tmp = tmp_path_factory.mktemp("hurried")
-    config = tmp / "config.yaml"
-    config.write_text(f"model:\n  id: {tiny_model_dir}\nserver:\n  request_timeout_s: 0.2\n")
-    srv = RunningServer(["--config", str(config)], log_path=tmp / "server.log")
-    try:
-        srv.wait_ready()
+    text = f"model:\n  id: {tiny_model_dir}\nserver:\n  request_timeout_s: 0.2\n"
+    with served(tmp_path_factory, "hurried", text) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_request_timeout_cancels_stream_and_not(hurried_server):

@@ -11,7 +11,7 @@ import threading
 import httpx
 import pytest
 
-from tests.conftest import RunningServer, gauge, wait_gauge
+from tests.conftest import gauge, served, wait_gauge
 
 pytestmark = pytest.mark.server
 
@@ -21,18 +21,12 @@ USER = [{"role": "user", "content": "Olá"}]
 
 @pytest.fixture(scope="module")
 def ops_server(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ops")
-    config = tmp / "config.yaml"
-    config.write_text(
+    text = (
         f"model:\n  id: {tiny_model_dir}\n  max_context_length: 2048\n"
         "server:\n  workers_per_device: 2\n  shutdown_timeout_s: 60\n"
     )
-    srv = RunningServer(["--config", str(config)], log_path=tmp / "server.log")
-    try:
-        srv.wait_ready()
+    with served(tmp_path_factory, "ops", text) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def body(max_tokens, stream=False):
@@ -58,29 +52,25 @@ def test_two_workers_publish_their_gauges(ops_server):
     assert gauge(ops_server, "ptserve_max_running_sequences") == 128  # 64 per replica
 
 
-def test_metrics_count_requests_tokens_and_latencies(ops_server):
-    before = {
-        "requests": metric(ops_server, 'ptserve_requests_total{endpoint="/v1/chat/completions",status="200"}'),
-        "bad": metric(ops_server, 'ptserve_requests_total{endpoint="/v1/chat/completions",status="400"}'),
-        "generated": metric(ops_server, "ptserve_generation_tokens_total"),
-        "prompt": metric(ops_server, "ptserve_prompt_tokens_total"),
-        "ttft": metric(ops_server, "ptserve_time_to_first_token_seconds_count"),
-        "itl": metric(ops_server, "ptserve_inter_token_latency_seconds_count"),
-        "duration": metric(ops_server, 'ptserve_request_duration_seconds_count{endpoint="/v1/chat/completions"}'),
+def counters(server) -> dict[str, float]:
+    return {
+        "requests": metric(server, 'ptserve_requests_total{endpoint="/v1/chat/completions",status="200"}'),
+        "bad": metric(server, 'ptserve_requests_total{endpoint="/v1/chat/completions",status="400"}'),
+        "generated": metric(server, "ptserve_generation_tokens_total"),
+        "prompt": metric(server, "ptserve_prompt_tokens_total"),
+        "ttft": metric(server, "ptserve_time_to_first_token_seconds_count"),
+        "itl": metric(server, "ptserve_inter_token_latency_seconds_count"),
+        "duration": metric(server, 'ptserve_request_duration_seconds_count{endpoint="/v1/chat/completions"}'),
     }
+
+
+def test_metrics_count_requests_tokens_and_latencies(ops_server):
+    before = counters(ops_server)
     usage = httpx.post(ops_server.base_url + URL, json=body(9), timeout=60).json()["usage"]
     with httpx.stream("POST", ops_server.base_url + URL, json=body(5, stream=True), timeout=60) as r:
         assert r.read().decode().endswith("data: [DONE]\n\n")
     assert httpx.post(ops_server.base_url + URL, json={"model": "m"}, timeout=60).status_code == 400
-    after = {
-        "requests": metric(ops_server, 'ptserve_requests_total{endpoint="/v1/chat/completions",status="200"}'),
-        "bad": metric(ops_server, 'ptserve_requests_total{endpoint="/v1/chat/completions",status="400"}'),
-        "generated": metric(ops_server, "ptserve_generation_tokens_total"),
-        "prompt": metric(ops_server, "ptserve_prompt_tokens_total"),
-        "ttft": metric(ops_server, "ptserve_time_to_first_token_seconds_count"),
-        "itl": metric(ops_server, "ptserve_inter_token_latency_seconds_count"),
-        "duration": metric(ops_server, 'ptserve_request_duration_seconds_count{endpoint="/v1/chat/completions"}'),
-    }
+    after = counters(ops_server)
     delta = {k: after[k] - before[k] for k in before}
     assert delta == {
         "requests": 2,

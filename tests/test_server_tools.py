@@ -16,7 +16,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.conftest import API_KEY, RunningServer
+from tests.conftest import API_KEY, served
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.server
@@ -25,15 +25,9 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """The tools prompt takes ~600 tokens of the tiny byte-level vocabulary: a 2048-token context."""
-    tmp = tmp_path_factory.mktemp("tools")
-    config = tmp / "config.yaml"
-    config.write_text(f"model:\n  id: {tiny_model_dir}\n  max_context_length: 2048\n")
-    srv = RunningServer(["--config", str(config), "--api-key", API_KEY], log_path=tmp / "server.log")
-    try:
-        srv.wait_ready()
+    text = f"model:\n  id: {tiny_model_dir}\n  max_context_length: 2048\n"
+    with served(tmp_path_factory, "tools", text, ("--api-key", API_KEY)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 MODEL = "phi-3.5-mini-instruct"

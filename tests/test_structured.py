@@ -3,7 +3,6 @@ tier 2: grammars enforced by the engine on the tiny model, beside unconstrained 
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import jsonschema
@@ -13,6 +12,7 @@ from ptserve.engine.sampling import SamplingParams
 from ptserve.errors import APIError
 from ptserve.protocol import validate_request
 from ptserve.structured import ToolCallParser, build_grammar, check_grammar, tools_prompt
+from tests.test_model import run_engine
 
 WEATHER = {
     "type": "object",
@@ -143,20 +143,6 @@ def grammar_engine(tiny_model_dir):
     engine.shutdown()
 
 
-def run(engine, jobs):
-    async def one(ids, params):
-        tokens, finish = [], None
-        async for out in engine.submit(ids, params):
-            tokens += out.token_ids
-            finish = out.finish_reason
-        return tokens, finish
-
-    async def gather():
-        return await asyncio.gather(*(one(ids, p) for ids, p in jobs))
-
-    return asyncio.run(gather())
-
-
 def test_constrained_and_free_rows_in_one_batch(grammar_engine):
     from ptserve.prompting import encode_prompt, render_messages
 
@@ -177,8 +163,8 @@ def test_constrained_and_free_rows_in_one_batch(grammar_engine):
         (ids, SamplingParams(120, temperature=1.0, seed=9, stop_token_ids=eos, grammar=calls)),
         (ids, free),
     ]
-    together = run(engine, jobs)
-    alone = [run(engine, [job])[0] for job in jobs]
+    together = run_engine(engine, jobs)
+    alone = [run_engine(engine, [job])[0] for job in jobs]
     assert together == alone  # a grammar never touches another row's tokens
     assert together[0][0] == together[5][0]
     for tokens, finish in together[1:3]:
