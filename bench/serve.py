@@ -1,16 +1,20 @@
 """Serving benchmark: ptserve side by side with a peer server, same model, same requests, same run.
 
-    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--peer transformers|none] [--out FILE]
+    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N] [--shape bench26m|phi35]
+                          [--quantization none,4bit,8bit] [--peer transformers|vllm|all|none] [--out FILE]
 
-Builds (once) a random-weight Phi-3 of hidden 512, 8 layers, 8 heads, intermediate 1408 (26M
-parameters) in bench/out/ (EOS and stray bytes never win greedy decoding there: see build_model), starts each
-server on loopback, drives N concurrent streaming requests
+Builds (once) a random-weight Phi-3 in bench/out/: by default hidden 512, 8 layers, 8 heads,
+intermediate 1408 (26M parameters); with --shape phi35 Phi-3.5-mini-instruct's exact shape (3.8B,
+built on the GPU when there is one). EOS and stray bytes never win greedy decoding there (see
+build_model). It starts each server on loopback (ptserve once per --quantization mode), drives N
+concurrent streaming requests
 through the OpenAI API, and reports aggregate output tok/s, TTFT p50/p99 and inter-token latency p50
 per level, then ptserve / peer ratios. Output token counts come from the servers' usage numbers
 (`stream_options.include_usage`); for a server that sends none, a request that ended by length counts
 max_tokens, and one that stopped early counts its text re-tokenized (approximate, flagged in the
-output). TTFT is the time to the first chunk with visible content. A benchmark, not a test: nothing
-here asserts time.
+output). TTFT is the time to the first chunk with visible content. Each row also has the server's GPU
+memory (nvidia-smi, all its processes) and the model's footprint as ptserve logs it. The GPU run of
+issue 7 is bench/gpu.sh. A benchmark, not a test: nothing here asserts time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import statistics
@@ -31,12 +36,19 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
-SHAPE = dict(hidden=512, layers=8, heads=8, intermediate=1408)
+SHAPES = {
+    # The CPU benchmark's model: 26M parameters.
+    "bench26m": dict(hidden=512, layers=8, heads=8, intermediate=1408),
+    # Phi-3.5-mini-instruct's exact shape (3.8B parameters, 7.64 GB in bf16): speed does not depend on
+    # the weights' values. Positions up to 4096 (no long-rope scaling: the benchmark stays far below).
+    "phi35": dict(hidden=3072, layers=32, heads=32, intermediate=8192, vocab_size=32064, max_positions=4096),
+}
 SYSTEM = "Você é um assistente virtual prestativo."
 
 
-def build_model(path: Path) -> Path:
+def build_model(path: Path, shape: str = "bench26m") -> Path:
     """The 26M model, with the lm_head rows of the special and the 256 byte-fallback tokens zeroed: their
     logit is then 0 while the largest of the ~250 random others is positive, so greedy decoding
     - never stops early: every request of either server generates exactly max_tokens (what vLLM's
@@ -45,19 +57,23 @@ def build_model(path: Path) -> Path:
       detokenizers hold text back (ptserve) or fail (transformers serve streams an "Invalid prefix
       encountered while decoding stream" error and stops)."""
     if not (path / "config.json").exists():
-        sys.path.insert(0, str(ROOT))
+        import torch
         from safetensors.torch import load_file, save_file
 
         from ptserve.tinymodel import SPECIAL_TOKENS, TinyShape, build
 
-        build(path, TinyShape(**SHAPE))
+        build(path, TinyShape(**SHAPES[shape]), device="cuda" if torch.cuda.is_available() else "cpu")
         from transformers import AutoTokenizer
 
-        banned = SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)]
-        banned_ids = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(banned)
-        weights = load_file(path / "model.safetensors")
-        weights["lm_head.weight"][banned_ids] = 0
-        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        banned = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)])
+        for shard in sorted(path.glob("*.safetensors")):  # a large model is saved in several shards
+            weights = load_file(shard)
+            if "lm_head.weight" in weights:
+                head = weights["lm_head.weight"]
+                head[banned] = 0
+                head[len(tokenizer) :] = 0  # ids past the tokenizer's (Phi-3.5's padded vocabulary) never win
+                save_file(weights, shard, metadata={"format": "pt"})
     return path
 
 
@@ -93,6 +109,27 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} not ready after {self.start_timeout}s")
 
+    def memory(self) -> dict:
+        """The server's GPU memory now (nvidia-smi, all its processes) and its model's footprint (ptserve
+        logs it); None where there is no GPU or no such line."""
+        out: dict = {"gpu_memory_mb": None, "model_footprint_mb": None}
+        found = re.findall(r"loaded: ([0-9.]+) MB", Path(self.log.name).read_text(errors="replace"))
+        if found:
+            out["model_footprint_mb"] = float(found[-1])
+        try:
+            pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+            apps = subprocess.run(
+                ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return out
+        used = [int(m) for pid, m in (line.split(", ") for line in apps.splitlines() if line) if pid in pids]
+        out["gpu_memory_mb"] = sum(used) if used else None
+        return out
+
     def stop(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
@@ -103,13 +140,32 @@ class Server:
         self.log.close()
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int, count_tokens) -> dict:
+def messages_for(i: int, prompt_tokens: int | None, tokenizer) -> list[dict]:
+    """Request i's messages: a short question, or one of exactly `prompt_tokens` tokens once templated
+    (found by lengthening a filler; the server tokenizes the same way)."""
+    system = {"role": "system", "content": SYSTEM}
+    if prompt_tokens is None:
+        return [system, {"role": "user", "content": f"Pergunta {i}: " + "conte uma história " * (1 + i % 4)}]
+    from ptserve.prompting import encode_prompt
+
+    def count(words: int) -> int:
+        content = f"Pergunta {i}: " + "a " * words
+        return len(encode_prompt(tokenizer, [system, {"role": "user", "content": content.strip()}]))
+
+    words = max(prompt_tokens - count(0), 0)
+    while words > 0 and count(words) > prompt_tokens:
+        words -= 1
+    while count(words + 1) <= prompt_tokens:
+        words += 1
+    return [system, {"role": "user", "content": (f"Pergunta {i}: " + "a " * words).strip()}]
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int, count_tokens
+) -> dict:
     body = {
         "model": model,
-        "messages": [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Pergunta {i}: " + "conte uma história " * (1 + i % 4)},
-        ],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -139,7 +195,16 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, m
         tokens, exact = max_tokens, True
     else:  # a server that sends no usage and stopped early: count the text's tokens (approximate)
         tokens, exact = count_tokens("".join(text)), False
-    return {"sent": sent, "first": first, "last": last, "tokens": tokens, "exact": exact, "finish": finish}
+    prompt = usage["prompt_tokens"] if usage else None
+    return {
+        "sent": sent,
+        "first": first,
+        "last": last,
+        "tokens": tokens,
+        "exact": exact,
+        "finish": finish,
+        "prompt": prompt,
+    }
 
 
 def pct(values, q):
@@ -147,14 +212,14 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-async def run_level(port: int, model: str, n: int, max_tokens: int, count_tokens) -> dict:
+async def run_level(port: int, model: str, n: int, max_tokens: int, count_tokens, prompts: list) -> dict:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, url, model, 0, 8, count_tokens)  # warm-up
+        await one_request(client, url, model, prompts[0], 8, count_tokens)  # warm-up
         start = time.perf_counter()
         results = await asyncio.gather(
-            *(one_request(client, url, model, i, max_tokens, count_tokens) for i in range(n))
+            *(one_request(client, url, model, prompts[i], max_tokens, count_tokens) for i in range(n))
         )
         wall = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
@@ -169,16 +234,18 @@ async def run_level(port: int, model: str, n: int, max_tokens: int, count_tokens
         "ttft_p99_ms": round(1000 * pct(ttft, 0.99), 1),
         "itl_p50_ms": round(1000 * statistics.median(itl), 2) if itl else None,
         "stopped_early": sum(r["finish"] != "length" for r in results),
+        "prompt_tokens_p50": pct([r["prompt"] for r in results if r["prompt"] is not None], 0.5),
         "token_counts_exact": all(r["exact"] for r in results),
     }
 
 
-def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_tokens) -> list[dict]:
+def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_tokens, prompts) -> list[dict]:
     server.wait()
     try:
         rows = []
         for n in levels:
-            row = asyncio.run(run_level(server.port, model, n, max_tokens, count_tokens))
+            row = asyncio.run(run_level(server.port, model, n, max_tokens, count_tokens, prompts))
+            row.update(server.memory())
             print(f"  {server.name:13s} {json.dumps(row)}", flush=True)
             rows.append(row)
         return rows
@@ -196,10 +263,26 @@ def print_ratios(ours: list[dict], theirs: list[dict], name: str) -> None:
         )
 
 
+def machine() -> str:
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        gpu = ""
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    return f"{gpu or 'no GPU'}; {cpu or platform.machine()}, {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, help="prompts of exactly this many tokens (default: short ones)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench26m", help="phi35: Phi-3.5-mini's shape")
+    parser.add_argument(
+        "--quantization", default="none", help="ptserve's modes to run, comma-separated: none, 4bit, 8bit"
+    )
     parser.add_argument("--peer", choices=["transformers", "vllm", "all", "none"], default="transformers")
     parser.add_argument(
         "--vllm-python",
@@ -212,12 +295,13 @@ def main() -> None:
         default="auto,float32",
         help="transformers serve --dtype values to run: auto (the issue's command) and ptserve's CPU dtype",
     )
-    parser.add_argument("--model-dir", type=Path, default=OUT / "phi3-26m")
+    parser.add_argument("--model-dir", type=Path, help="default: bench/out/phi3-26m or bench/out/phi3.5-shape")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.levels.split(",")]
-    model_dir = build_model(args.model_dir)
+    default_dir = {"bench26m": "phi3-26m", "phi35": "phi3.5-shape"}[args.shape]
+    model_dir = build_model(args.model_dir or OUT / default_dir, args.shape)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -225,22 +309,30 @@ def main() -> None:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    prompts = [messages_for(i, args.prompt_tokens, tokenizer) for i in range(max(levels))]
     py = sys.executable
     results = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "model": SHAPE,
+        "machine": machine(),
+        "command": " ".join(["python", "bench/serve.py", *sys.argv[1:]]),
+        "model": SHAPES[args.shape],
+        "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens,
     }
 
-    port = free_port()
-    print("ptserve", flush=True)
-    ours = Server(
-        "ptserve",
-        [py, "server.py", "--model", str(model_dir), "--port", str(port)],
-        port,
-        env={"PTSERVE_SERVER_MAX_CONCURRENT_SEQUENCES": str(max(levels))},
-    )
-    results["ptserve"] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens)
+    for mode in args.quantization.split(","):
+        name = "ptserve" if mode == "none" else f"ptserve-{mode}"
+        port = free_port()
+        print(name, flush=True)
+        ours = Server(
+            name,
+            [py, "server.py", "--model", str(model_dir), "--port", str(port), "--quantization", mode],
+            port,
+            env={"PTSERVE_SERVER_MAX_CONCURRENT_SEQUENCES": str(max(levels))},
+            start_timeout=900,
+        )
+        results[name] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens, prompts)
+    if "ptserve" not in results:
+        args.peer = "none"  # the ratios compare the unquantized server
 
     for dtype in args.vllm_dtypes.split(",") if args.peer in ("vllm", "all") else []:
         name, port = f"vllm-{dtype}", free_port()
@@ -248,7 +340,7 @@ def main() -> None:
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
         cmd += ["--dtype", dtype, "--max-model-len", "2048", "--port", str(port)]
         peer = Server(name, cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, start_timeout=900)
-        results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens)
+        results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts)
         print_ratios(results["ptserve"], results[name], f"vllm --dtype {dtype}")
     if args.peer in ("transformers", "all"):
         cli = str(Path(py).with_name("transformers"))
@@ -256,9 +348,10 @@ def main() -> None:
             name = f"transformers-{dtype}"
             port = free_port()
             print(f"transformers serve --continuous-batching --dtype {dtype}", flush=True)
-            cmd = [cli, "serve", str(model_dir), "--device", "cpu", "--continuous-batching", "--dtype", dtype]
+            device = "cuda" if "no GPU" not in results["machine"] else "cpu"
+            cmd = [cli, "serve", str(model_dir), "--device", device, "--continuous-batching", "--dtype", dtype]
             peer = Server(name, [*cmd, "--port", str(port)], port)
-            results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens)
+            results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts)
             print_ratios(results["ptserve"], results[name], f"transformers serve --dtype {dtype}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ class TinyShape:
     max_positions: int = 2048
     vocab_target: int = 512  # learned merges stop here; specials and bytes come on top
     seed: int = 0
+    vocab_size: int | None = None  # the model's vocabulary when larger than the tokenizer's (Phi-3.5: 32064)
 
 
 def _normalizer():
@@ -106,8 +107,11 @@ def build_tokenizer(path: Path, shape: TinyShape, corpus: list[str] | None = Non
     return fast
 
 
-def build(path: str | Path, shape: TinyShape = TinyShape(), corpus: list[str] | None = None) -> Path:
-    """Write a random-weight Phi-3 and its tokenizer to `path`; return the path."""
+def build(
+    path: str | Path, shape: TinyShape = TinyShape(), corpus: list[str] | None = None, device: str = "cpu"
+) -> Path:
+    """Write a random-weight Phi-3 and its tokenizer to `path`; return the path. A model of real size
+    (bench/serve.py --shape phi35) is initialized on `device` ("cuda" there) in bf16, which is much faster."""
     import torch
     from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
 
@@ -116,7 +120,7 @@ def build(path: str | Path, shape: TinyShape = TinyShape(), corpus: list[str] | 
     tokenizer = build_tokenizer(path, shape, corpus)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS]
     config = Phi3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=shape.vocab_size or len(tokenizer),
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
@@ -130,7 +134,15 @@ def build(path: str | Path, shape: TinyShape = TinyShape(), corpus: list[str] | 
         tie_word_embeddings=False,
     )
     torch.manual_seed(shape.seed)
-    model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    if device == "cpu":
+        model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    else:
+        with torch.device(device):
+            torch.set_default_dtype(torch.bfloat16)
+            try:
+                model = Phi3ForCausalLM(config)
+            finally:
+                torch.set_default_dtype(torch.float32)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id
     )
