@@ -25,6 +25,17 @@ def test_defaults_are_the_tutorials():
     assert config.quantization.mode == "none"
 
 
+def test_shipped_config_yaml_documents_every_key():
+    import yaml
+
+    from ptserve.config import SECTIONS, TOP_LEVEL_SCALARS
+
+    shipped = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert set(shipped) == set(SECTIONS) | set(TOP_LEVEL_SCALARS)
+    for section, model in SECTIONS.items():
+        assert set(shipped[section]) == set(model.model_fields), section
+
+
 def test_shipped_config_yaml_loads_and_equals_the_defaults():
     assert load_config(ROOT / "config.yaml", environ={}).model_dump() == load_config(None, environ={}).model_dump()
 
