@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -36,6 +36,7 @@ class HttpMetrics:
     """The HTTP process's counters and histograms (one registry per server)."""
 
     def __init__(self):
+        disable_created_metrics()  # no *_created series: they only double the page
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -164,8 +164,9 @@ class ChatFormat:
         if self.tool_mode == "none":
             return {"role": "assistant", "content": c.text, "refusal": None}, c.finish_reason
         parsed = ToolCallParser.parse(self.tool_mode, c.text)
-        if not parsed.calls:
-            return {"role": "assistant", "content": parsed.content or "", "refusal": None}, c.finish_reason
+        if not parsed.calls:  # text, or a call cut off (max_tokens) before its name was complete
+            content = parsed.content or "" if parsed.is_text else None
+            return {"role": "assistant", "content": content, "refusal": None}, c.finish_reason
         message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": parsed.calls}
         return message, "tool_calls" if c.finish_reason == "stop" else c.finish_reason
 

@@ -182,6 +182,11 @@ class ToolCallParser:
             pass
         return events
 
+    @property
+    def is_text(self) -> bool:
+        """The answer is text: auto mode chose it, or nothing was generated at all."""
+        return self._is_text or (self.mode == "auto" and not self._decided)
+
     def finish(self) -> list[tuple]:
         """Flush what is held (an answer cut off by max_tokens)."""
         if self._state == "args" and self._buffer:

@@ -250,3 +250,10 @@ def test_langchain_bind_tools_and_structured_output(server):
     assert isinstance(person, Person)
     strict = llm.with_structured_output(Person, method="json_schema", strict=True).invoke("Invente uma pessoa.")
     assert isinstance(strict, Person)
+
+
+def test_a_call_cut_off_by_max_tokens_is_not_content(server):
+    body = chat(server, tools=TOOLS, tool_choice="required", max_tokens=4)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["content"] is None and "tool_calls" not in choice["message"]

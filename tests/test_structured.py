@@ -126,6 +126,8 @@ def test_parser_flushes_a_call_cut_short():
     parser.feed('<tool_call>\n{"name":"now","arguments":{"a":')
     parser.finish()
     assert parser.calls[0]["function"]["arguments"] == '{"a":'
+    assert not ToolCallParser.parse("required", '<tool_call>\n{"na').is_text
+    assert ToolCallParser.parse("auto", "").is_text and not ToolCallParser.parse("auto", "<tool").is_text
 
 
 # -- tier 2: the engine enforces grammars ---------------------------------------------------------------
