@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from tests.conftest import API_KEY, served
 from tests.openai_schema import validate
+from tests.schemas import PERSON, SCHEMAS, TOOLS
 
 pytestmark = pytest.mark.server
 
@@ -33,29 +34,6 @@ def server(tiny_model_dir, tmp_path_factory):
 MODEL = "phi-3.5-mini-instruct"
 USER = [{"role": "user", "content": "Como está o tempo em Lisboa?"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "now", "description": "The current time"}},
-]
-SCHEMAS = {"get_weather": WEATHER, "now": {"type": "object", "maxProperties": 0}}
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 
 
 def chat(server, **fields) -> dict:

@@ -12,27 +12,8 @@ from ptserve.engine.sampling import SamplingParams
 from ptserve.errors import APIError
 from ptserve.protocol import validate_request
 from ptserve.structured import ToolCallParser, build_grammar, check_grammar, tools_prompt
+from tests.schemas import PERSON, SCHEMAS, TOOLS
 from tests.test_model import run_engine
-
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "days": {"type": "integer", "minimum": 1, "maximum": 7},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "now"}},
-]
-PERSON = {
-    "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0}},
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 
 
 def request(**fields):
@@ -66,8 +47,11 @@ def test_grammars_per_mode():
 
 def test_tools_prompt_lists_tools_and_the_call_format():
     text = tools_prompt(request(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "now"}}))
-    assert '{"name":"get_weather","description":"Weather","parameters":{"type":"object"' in text
-    assert '{"name":"now","parameters":{"type":"object","properties":{},"additionalProperties":false}}' in text
+    assert '{"name":"get_weather","description":"Weather forecast","parameters":{"type":"object"' in text
+    assert (
+        '{"name":"now","description":"The current time","parameters":{"type":"object","properties":{},'
+        '"additionalProperties":false}}' in text
+    )
     assert "You must call the tool now" in text
     assert text.endswith(
         '<tool_call>\n{"name":"<function name>","arguments":<the arguments as a JSON object>}\n</tool_call>'
@@ -175,7 +159,7 @@ def test_constrained_and_free_rows_in_one_batch(grammar_engine):
     for tokens, finish in together[3:5]:
         assert finish == "stop"
         [call] = ToolCallParser.parse("required", tok.decode(tokens, skip_special_tokens=True)).calls
-        schema = WEATHER if call["function"]["name"] == "get_weather" else {"type": "object", "maxProperties": 0}
+        schema = SCHEMAS[call["function"]["name"]]
         jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
 
 
