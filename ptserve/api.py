@@ -152,7 +152,6 @@ class ChatSpec(LitSpec):
             return error_response(exc)
         prepared.job.request_id = request_id_var.get()
         prepared.clock = TokenClock(self.metrics, start)
-        self.metrics.prompt_tokens.inc(prepared.prompt_tokens)
         uid = uuid.uuid4().hex
         messages = self._submit(uid, prepared.job)
         try:
@@ -164,6 +163,7 @@ class ChatSpec(LitSpec):
             status = first.get("status", 500)
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
             return JSONResponse(first["error"], status_code=status, headers=headers)
+        self.metrics.prompt_tokens.inc(prepared.prompt_tokens)  # accepted: the engine will read them
 
         def release(finished: bool) -> None:
             if finished:
