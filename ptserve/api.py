@@ -52,6 +52,7 @@ MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID = 128  # longer or odd client ids are replaced by our own
+LOADING_RETRY_AFTER_S = 5
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -66,6 +67,8 @@ class ChatSpec(LitSpec):
         self.api_path = CHAT_PATH
         self.frontend: Frontend | None = None  # loaded in the API server process only
         self.shared: Shared | None = None  # set by _Server before the processes start
+        self.setup_status: Any = None  # LitServe's workers' setup states (a manager dict), set by _Server
+        self._ready_seen = False
         self.metrics = HttpMetrics()
         self.created = int(time.time())
         self.add_endpoint(CHAT_PATH, self.chat_completions, ["POST"])
@@ -141,11 +144,26 @@ class ChatSpec(LitSpec):
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, self.frontend.prepare_completion, chat=False)
 
+    def _ready(self) -> bool:
+        """Whether a worker has loaded the model (remembered once true: no IPC per request after)."""
+        if not self._ready_seen and self.setup_status is not None:
+            states = list(self.setup_status.values())
+            self._ready_seen = any(v == WorkerSetupStatus.READY for v in states)
+        return self._ready_seen or self.setup_status is None
+
     async def _serve(self, request: Request, prepare, chat: bool) -> Response:
         start = time.monotonic()
         deadline = Deadline.after(self.config.server.request_timeout_s)
         try:
             self._authorize(request)
+            if not self._ready():
+                raise APIError(
+                    f"The model is still loading. Retry after {LOADING_RETRY_AFTER_S} s "
+                    "(GET /health says 200 when it is ready).",
+                    503,
+                    code="model_loading",
+                    headers={"Retry-After": str(LOADING_RETRY_AFTER_S)},
+                )
             prepared = prepare(await json_body(request, self.config.server.max_body_bytes))
         except APIError as exc:
             logger.info("refused with %d: %s", exc.status, exc.message)
@@ -309,6 +327,7 @@ class _Server(ls.LitServer):
         for lit_api in self.litapi_connector:
             lit_api.shared = shared
             lit_api.spec.shared = shared
+            lit_api.spec.setup_status = self.workers_setup_status
         return manager
 
     def verify_worker_status(self):

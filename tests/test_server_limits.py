@@ -76,12 +76,26 @@ def test_request_that_never_fits_the_kv_cache_gets_400(narrow_server):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
 
 
-def test_sigterm_to_the_main_process_shuts_everything_down(tiny_model_dir, tmp_path):
+def test_requests_while_loading_get_503_then_sigterm_shuts_everything_down(tiny_model_dir, tmp_path):
     import os
     import signal
 
     srv = RunningServer(["--model", str(tiny_model_dir)], log_path=tmp_path / "server.log")
     try:
+        statuses = []
+        for _ in range(600):  # until the model is loaded; answers come at once either way
+            try:
+                r = httpx.post(srv.base_url + URL, json=body(2), timeout=60)
+            except httpx.TransportError:  # not listening yet
+                time.sleep(0.1)
+                continue
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                break
+            validate(r.json(), "ErrorResponse")
+            assert (r.json()["error"]["code"], r.headers["retry-after"]) == ("model_loading", "5")
+            time.sleep(0.1)
+        assert statuses[0] == 503 and set(statuses[:-1]) == {503} and statuses[-1] == 200
         srv.wait_ready()
         os.kill(srv.proc.pid, signal.SIGTERM)  # what docker stop and Kubernetes send, to PID 1 only
         assert srv.proc.wait(timeout=60) == 0
