@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 # Debian's chromium, for the chat page test (playwright drives it; no browser download). Installing it
 # needs root (as in CI); without it that one test is skipped.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || echo "chromium is not installed: the chat page test will be skipped"
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium is not installed: the chat page test will be skipped"
 
 serve: install
 	$(PY) server.py --config config.yaml
