@@ -49,6 +49,14 @@ def run_engine(engine, jobs):
     return asyncio.run(all_jobs())
 
 
+async def drain(stream) -> list[int]:
+    """Every token id a GenerationStream yields."""
+    tokens = []
+    async for out in stream:
+        tokens += out.token_ids
+    return tokens
+
+
 def hf_greedy(model, ids, n):
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, min_new_tokens=n)
     return out[0, len(ids) :].tolist()
@@ -303,13 +311,7 @@ def test_kv_budget_admits_what_fits_and_refuses_what_never_can(loaded, tokenizer
         with pytest.raises(NeverFits, match="whole cache holds"):
             engine.submit(ids, SamplingParams(2 * per_seq, temperature=0.0))
         streams = [engine.submit(ids, SamplingParams(8, temperature=0.0)) for _ in range(5)]
-        results = []
-        for s in streams:
-            tokens = []
-            async for out in s:
-                tokens += out.token_ids
-            results.append(tokens)
-        return results
+        return [await drain(s) for s in streams]
 
     try:
         results = asyncio.run(scenario())
@@ -451,13 +453,7 @@ def test_submit_many_queues_all_or_none(loaded, tokenizer):
         with pytest.raises(EngineFull):
             engine.submit_many(jobs[:1])
         engine.start()
-        outs = []
-        for s in streams:
-            tokens = []
-            async for out in s:
-                tokens += out.token_ids
-            outs.append(tokens)
-        return outs
+        return [await drain(s) for s in streams]
 
     try:
         outs = asyncio.run(scenario())
