@@ -121,10 +121,15 @@ def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
         srv.stop()
 
 
+def metric(server, line_start: str) -> float:
+    """The sum of the /metrics samples whose line starts with `line_start` (a name, or a name and labels)."""
+    text = httpx.get(server.base_url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_start))
+
+
 def gauge(server, name: str) -> float:
     """A worker gauge from /metrics, summed over the workers."""
-    text = httpx.get(server.base_url + "/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return metric(server, name + "{")
 
 
 def wait_gauge(server, name: str, want: float, limit_s: float = 30) -> float:

@@ -11,7 +11,7 @@ import threading
 import httpx
 import pytest
 
-from tests.conftest import gauge, served, wait_gauge
+from tests.conftest import gauge, metric, served, wait_gauge
 
 pytestmark = pytest.mark.server
 
@@ -38,11 +38,6 @@ def body(max_tokens, stream=False):
         "ignore_eos": True,
         "stream": stream,
     }
-
-
-def metric(server, line_start: str) -> float:
-    text = httpx.get(server.base_url + "/metrics").text
-    return sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line_start))
 
 
 def test_two_workers_publish_their_gauges(ops_server):
