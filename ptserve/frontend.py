@@ -27,6 +27,8 @@ from ptserve.structured import build_grammar, check_grammar, tools_prompt
 
 logger = logging.getLogger(__name__)
 
+LEGACY_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
 
 @dataclass
 class Job:
@@ -125,9 +127,10 @@ class Frontend:
         request = validate_completion_request(body)
         model = self.response_model(request.model)
         check_token_ids(request.logit_bias, self.vocab_size)
+        given = request.prompts()
         prompts, texts = [], []
-        for i, prompt in enumerate(request.prompts()):
-            param = "prompt" if len(request.prompts()) == 1 else f"prompt.[{i}]"
+        for i, prompt in enumerate(given):
+            param = "prompt" if len(given) == 1 else f"prompt.[{i}]"
             if isinstance(prompt, str):
                 ids = self.tokenizer(prompt)["input_ids"]
                 texts.append(prompt)
@@ -154,13 +157,6 @@ class Frontend:
         ]
         params = request.to_sampling_params(self.config.generation, min(budgets))
         if request.echo and request.logprobs is not None:
-            params = _with_prompt_logprobs(params, request.logprobs)
+            params = replace(params, prompt_logprobs=request.logprobs)
         job = Job(prompts, params, request.stop_strings(), bool(request.ignore_eos), request.choices())
         return Prepared(request, job, model, texts)
-
-
-LEGACY_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-def _with_prompt_logprobs(params: SamplingParams, top: int) -> SamplingParams:
-    return replace(params, prompt_logprobs=top)

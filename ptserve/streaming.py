@@ -244,14 +244,18 @@ class TextFormat:
         echo = self._prompt_of(index) if self.echo and first else ""
         offset = self._offsets.get(index, 0) + len(echo)
         self._offsets[index] = offset + len(text)
-        lp = None
-        if self.logprobs:
-            lp = legacy_logprobs(logprobs or [], offset)
-            if echo:
-                lp = join_legacy(legacy_logprobs(prompt_logprobs or [], 0), lp)
+        lp = self._logprobs(logprobs, prompt_logprobs if echo else None, offset)
         if not echo + text and not (lp and lp["tokens"]):
             return []
         return [self._chunk([{"text": echo + text, "index": index, "logprobs": lp, "finish_reason": None}])]
+
+    def _logprobs(self, records, prompt_records, offset: int) -> dict[str, Any] | None:
+        """The legacy logprobs of a completion piece starting at `offset`, after the echoed prompt's when
+        `prompt_records` is given; None when the request asked for none."""
+        if not self.logprobs:
+            return None
+        lp = legacy_logprobs(records or [], offset)
+        return lp if prompt_records is None else join_legacy(legacy_logprobs(prompt_records, 0), lp)
 
     def finish(self, index: int, reason: str) -> list[str]:
         return [self._chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": reason}])]
@@ -263,10 +267,6 @@ class TextFormat:
         out = []
         for c in choices:
             prompt = self._prompt_of(c.index) if self.echo else ""
-            lp = None
-            if self.logprobs:
-                lp = legacy_logprobs(c.logprobs or [], len(prompt))
-                if self.echo:
-                    lp = join_legacy(legacy_logprobs(c.prompt_logprobs or [], 0), lp)
+            lp = self._logprobs(c.logprobs, c.prompt_logprobs if self.echo else None, len(prompt))
             out.append({"text": prompt + c.text, "index": c.index, "logprobs": lp, "finish_reason": c.finish_reason})
         return self._body(out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices)))

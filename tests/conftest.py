@@ -89,12 +89,14 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def served(tmp_path_factory, name: str, config_text: str, args: tuple[str, ...] = ()):
-    """A server started from `config_text` (its log beside it), ready; stopped on exit."""
+def served(tmp_path_factory, name: str, config_text: str | None, args: tuple[str, ...] = ()):
+    """A server started from `config_text` (None: from `args` alone), its log beside it, ready; stopped on exit."""
     tmp = tmp_path_factory.mktemp(name)
-    config = tmp / "config.yaml"
-    config.write_text(config_text)
-    srv = RunningServer(["--config", str(config), *args], log_path=tmp / "server.log")
+    if config_text is not None:
+        config = tmp / "config.yaml"
+        config.write_text(config_text)
+        args = ("--config", str(config), *args)
+    srv = RunningServer(list(args), log_path=tmp / "server.log")
     try:
         srv.wait_ready()
         yield srv
@@ -105,20 +107,12 @@ def served(tmp_path_factory, name: str, config_text: str, args: tuple[str, ...] 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
     """The real server on loopback: tiny model, two API keys, a 512-token context."""
-    tmp = tmp_path_factory.mktemp("server")
-    config = tmp / "config.yaml"
-    config.write_text(
+    text = (
         f"model:\n  id: {tiny_model_dir}\n  max_context_length: {TEST_CONTEXT}\n"
         "server:\n  cors_origins: ['http://example.test']\n"
     )
-    srv = RunningServer(
-        ["--config", str(config), "--api-key", API_KEY, "--api-key", SECOND_KEY], log_path=tmp / "server.log"
-    )
-    try:
-        srv.wait_ready()
+    with served(tmp_path_factory, "server", text, ("--api-key", API_KEY, "--api-key", SECOND_KEY)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def metric(server, line_start: str) -> float:

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, RunningServer
+from tests.conftest import ROOT, served
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.server
@@ -24,13 +24,8 @@ def blocks(language: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def readme_server(tiny_model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("readme") / "server.log"
-    srv = RunningServer(["--config", "config.yaml", "--model", str(tiny_model_dir)], log_path=log)
-    try:
-        srv.wait_ready()
+    with served(tmp_path_factory, "readme", None, ("--config", "config.yaml", "--model", str(tiny_model_dir))) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def at(server, code: str) -> str:
