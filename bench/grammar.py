@@ -2,16 +2,15 @@
 
     python bench/grammar.py [--rows 16] [--steps 64] [--libraries] [--out FILE]
 
-1. Engine: the batching engine on a random-weight Phi-3 (hidden 512, 8 layers) with a 32k-token
-   vocabulary (the cost of a grammar mask grows with the vocabulary; Phi-3.5's has 32,064 tokens), 16
+1. Engine: the batching engine on a random-weight Phi-3 (hidden 512, 8 layers) with Phi-3.5's own
+   tokenizer (the cost of a grammar mask grows with the vocabulary; Phi-3.5's has 32,064 tokens), 16
    requests at once, unconstrained and then each with a JSON-schema grammar (llguidance, as the server
    runs it). Reports the decode step time of both and the difference per step and per token.
 2. With --libraries: the mask cost alone for llguidance, xgrammar and outlines-core (whichever are
    installed) on the same vocabulary and schema: 16 matchers, a token drawn among the allowed ones,
    per step. This is the measurement that chose llguidance (ptserve/engine/grammar.py).
 
-The tokenizer is trained (once, ~90 s) on the Python standard library's sources and cached in
-bench/out/. A benchmark, not a test: nothing here asserts time.
+The model is built once in bench/out/. A benchmark, not a test: nothing here asserts time.
 """
 
 from __future__ import annotations
@@ -23,14 +22,13 @@ import platform
 import random
 import statistics
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
-SHAPE = dict(hidden=512, layers=8, heads=8, intermediate=1408, vocab_target=32000)
+SHAPE = dict(hidden=512, layers=8, heads=8, intermediate=1408)
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -43,26 +41,11 @@ SCHEMA = {
 }
 
 
-def corpus(limit: int = 6_000_000) -> list[str]:
-    texts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(text)
-        size += len(text)
-        if size > limit:
-            break
-    return texts
-
-
 def build_model(path: Path) -> Path:
     if not (path / "config.json").exists():
         from ptserve.tinymodel import TinyShape, build
 
-        print("building the 32k-vocabulary model (trains a tokenizer, ~90 s) ...", flush=True)
-        build(path, TinyShape(**SHAPE), corpus())
+        build(path, TinyShape(**SHAPE))
     return path
 
 
@@ -249,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--libraries", action="store_true", help="also compare the grammar libraries' mask cost")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    model_dir = build_model(OUT / "phi3-26m-vocab32k")
+    model_dir = build_model(OUT / "phi35-tokenizer-hidden512")
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
         "rows": args.rows,

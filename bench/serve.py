@@ -42,8 +42,8 @@ SHAPES = {
     # The CPU benchmark's model: 26M parameters.
     "bench26m": dict(hidden=512, layers=8, heads=8, intermediate=1408),
     # Phi-3.5-mini-instruct's exact shape (3.8B parameters, 7.64 GB in bf16): speed does not depend on
-    # the weights' values. Positions up to 4096 (no long-rope scaling: the benchmark stays far below).
-    "phi35": dict(hidden=3072, layers=32, heads=32, intermediate=8192, vocab_size=32064, max_positions=4096),
+    # the weights' values. Its real config: 131072 positions, LongRoPE from 4096.
+    "phi35": dict(hidden=3072, layers=32, heads=32, intermediate=8192),
 }
 SYSTEM = "Você é um assistente virtual prestativo."
 
@@ -60,13 +60,14 @@ def build_model(path: Path, shape: str = "bench26m") -> Path:
         import torch
         from safetensors.torch import load_file, save_file
 
-        from ptserve.tinymodel import SPECIAL_TOKENS, TinyShape, build
+        from ptserve.tinymodel import TinyShape, build
 
         build(path, TinyShape(**SHAPES[shape]), device="cuda" if torch.cuda.is_available() else "cpu")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        banned = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)])
+        specials = [i for i, t in tokenizer.added_tokens_decoder.items() if t.special]
+        banned = specials + tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(256)])
         for shard in sorted(path.glob("*.safetensors")):  # a large model is saved in several shards
             weights = load_file(shard)
             if "lm_head.weight" in weights:

@@ -7,8 +7,11 @@ what is allowed.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +26,12 @@ ALLOWED_HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # LitServe binds only these
 SECRET_KEYS = {("server", "api_key")}
 # Short env names people expect, on top of the PTSERVE_<SECTION>_<KEY> form.
 ENV_ALIASES = {"PTSERVE_API_KEY": ("server", "api_key")}
+# Kubernetes gives every pod "service links" for each Service in its namespace: a Service named `ptserve`
+# (or `ptserve-anything`) becomes PTSERVE_SERVICE_HOST, PTSERVE_PORT=tcp://10.0.0.7:80, PTSERVE_PORT_80_TCP_ADDR
+# and so on. They are not ours: a variable of that name *and* value shape is skipped, anything else unknown
+# still stops start-up.
+_SERVICE = r"^PTSERVE(?:_[A-Z0-9_]+)?"  # the Service's name, upper-cased, "-" as "_"
+_SERVICE_URL = re.compile(r"^(?:tcp|udp|sctp)://\[?(?P<addr>[0-9A-Fa-f:.]+)\]?:\d{1,5}$")
 
 
 class ConfigError(ValueError):
@@ -155,12 +164,46 @@ def _env_overrides(environ: dict[str, str]) -> list[tuple[tuple[str, ...], Any, 
             continue
         section, _, key = rest.partition("_")
         if section not in SECTIONS or key not in SECTIONS[section].model_fields:
+            if kubernetes_service_link(var, raw):
+                logger.debug("ignoring Kubernetes service variable %s", var)
+                continue
             known = [f"{ENV_PREFIX}{s.upper()}" for s in TOP_LEVEL_SCALARS] + [
                 f"{ENV_PREFIX}{s.upper()}_{k.upper()}" for s, m in SECTIONS.items() for k in m.model_fields
             ]
-            raise ConfigError(f"unknown environment variable {var}={raw!r}; allowed: {_allowed(known)}")
+            close = difflib.get_close_matches(var, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown environment variable {var}={raw!r}{hint}; allowed: {_allowed(known)}")
         out.append(((section, key), _env_value(SECTIONS[section], key, raw), f"env {var}"))
     return out
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_service_url(text: str) -> bool:
+    url = _SERVICE_URL.match(text)
+    return url is not None and _is_address(url["addr"])
+
+
+# (name shape, value check) of each variable the kubelet injects for a Service.
+_SERVICE_LINKS = [
+    (re.compile(_SERVICE + r"_SERVICE_HOST$"), _is_address),
+    (re.compile(_SERVICE + r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$"), str.isdigit),
+    (re.compile(_SERVICE + r"_PORT(?:_\d+_(?:TCP|UDP|SCTP))?$"), _is_service_url),
+    (re.compile(_SERVICE + r"_PORT_\d+_(?:TCP|UDP|SCTP)_PROTO$"), lambda v: v in ("tcp", "udp", "sctp")),
+    (re.compile(_SERVICE + r"_PORT_\d+_(?:TCP|UDP|SCTP)_PORT$"), str.isdigit),
+    (re.compile(_SERVICE + r"_PORT_\d+_(?:TCP|UDP|SCTP)_ADDR$"), _is_address),
+]
+
+
+def kubernetes_service_link(var: str, raw: str) -> bool:
+    """Whether `var`=`raw` is a variable the kubelet injects for a Service whose name starts with ptserve."""
+    return any(name.match(var) and valid(raw) for name, valid in _SERVICE_LINKS)
 
 
 def _env_value(section: type[_Section], key: str, raw: str) -> Any:

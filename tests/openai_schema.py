@@ -1,4 +1,5 @@
-"""Validate bodies against the official OpenAI spec (../shared/openai-openapi.json).
+"""Validate bodies against the official OpenAI spec: the schemas the tests use, vendored in
+tests/data/openai-openapi.subset.json by tests/data/vendor_openai_spec.py (nothing is read from outside the repo).
 
 OpenAPI 3.1 schemas are JSON Schema 2020-12, except that some nodes still say `nullable: true`, which
 JSON Schema ignores: those are widened here to also allow null.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from jsonschema import Draft202012Validator
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi.json"
+SPEC_PATH = Path(__file__).resolve().parent / "data" / "openai-openapi.subset.json"
 
 
 def _widen_nullable(node):

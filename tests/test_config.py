@@ -104,6 +104,34 @@ def test_bad_values(tmp_path, yaml_text, expected):
     assert expected in str(err.value)
 
 
+def test_kubernetes_service_variables_are_ignored():
+    """What the kubelet injects for a Service named `ptserve` (and `ptserve-metrics`): start-up goes on."""
+    kubelet = {
+        "PTSERVE_PORT": "tcp://10.0.0.7:80",
+        "PTSERVE_SERVICE_HOST": "10.0.0.7",
+        "PTSERVE_SERVICE_PORT": "80",
+        "PTSERVE_SERVICE_PORT_HTTP": "80",
+        "PTSERVE_PORT_80_TCP": "tcp://10.0.0.7:80",
+        "PTSERVE_PORT_80_TCP_PROTO": "tcp",
+        "PTSERVE_PORT_80_TCP_PORT": "80",
+        "PTSERVE_PORT_80_TCP_ADDR": "10.0.0.7",
+        "PTSERVE_METRICS_SERVICE_HOST": "fd00::7",
+        "PTSERVE_METRICS_PORT": "tcp://[fd00::7]:9090",
+    }
+    config = load_config(None, environ={**kubelet, "PTSERVE_SERVER_PORT": "9001"})
+    assert config.server.port == 9001
+    assert config.model_dump() == load_config(None, environ={"PTSERVE_SERVER_PORT": "9001"}).model_dump()
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("PTSERVE_PORT", "9000"), ("PTSERVE_SERVICE_HOST", "my-host"), ("PTSERVE_SERVER_PROT", "9000")],
+)
+def test_mistyped_keys_still_fail_beside_kubernetes_shapes(var, value):
+    with pytest.raises(ConfigError, match=f"unknown environment variable {var}='{value}' \\(did you mean"):
+        load_config(None, environ={var: value})
+
+
 def test_unknown_env_var_is_an_error():
     with pytest.raises(ConfigError, match="unknown environment variable PTSERVE_MODEL_NAME='x'"):
         load_config(None, environ={"PTSERVE_MODEL_NAME": "x"})

@@ -70,6 +70,7 @@ def test_manifests_agree_with_the_image_and_the_config(tmp_path):
     } == {"/health"}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_timeout_s
+    assert pod["enableServiceLinks"] is False  # the loader skips them anyway (tests/test_config.py)
     [mount] = [m for m in container["volumeMounts"] if m["name"] == "config"]
     assert json.loads(instruction("CMD"))[-1] == mount["mountPath"] + "/config.yaml"
     hpa = yaml.safe_load((DEPLOY / "hpa.yaml").read_text())

@@ -19,7 +19,9 @@ PROMPT = [ChatMessage(role="user", content="Olá, tudo bem? 😀")]
 
 
 def config_for(model_dir, **quantization):
-    overrides = {("model", "id"): str(model_dir)}
+    """float32 whatever the CPU: numerics are compared with transformers' own forward, and bf16 rounding
+    differs with the kernel the CPU picks (AVX512-BF16/AMX machines run "auto" in bf16)."""
+    overrides = {("model", "id"): str(model_dir), ("model", "dtype"): "float32"}
     overrides.update({("quantization", k): v for k, v in quantization.items()})
     return load_config(None, environ={}, overrides=overrides)
 
@@ -77,10 +79,27 @@ def test_prompt_ids_keep_special_tokens_whole(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "Olá, tudo bem? 😀"
 
 
+# Phi-3.5-mini-instruct's ids for the tutorial's system prompt and "Olá! Quem é você?" with the generation
+# prompt (ptserve/phi35/SOURCES.md): the newline after each special token is absorbed, no BOS.
+PHI35_PROMPT_IDS = [
+    32006, 478, 542, 30037, 904, 1922, 6985, 2016, 6901, 18619, 11692, 29889, 2538, 2818, 29874, 1047,
+    2016, 953, 8451, 29884, 8769, 29889, 32007, 32010, 7137, 29976, 29991, 751, 331, 904, 7931, 30037,
+    29973, 32007, 32001,
+]  # fmt: skip
+
+
+def test_prompt_ids_are_phi35s(tokenizer):
+    from ptserve.config import DEFAULT_SYSTEM_PROMPT
+
+    messages = render_messages([ChatMessage(role="user", content="Olá! Quem é você?")], DEFAULT_SYSTEM_PROMPT)
+    assert encode_prompt(tokenizer, messages) == PHI35_PROMPT_IDS
+    assert len(tokenizer) == 32011
+
+
 def test_eos_ids_come_from_the_generation_config(loaded, tokenizer):
-    expected = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|assistant|>", "<|end|>")]
-    assert loaded.eos_token_ids == expected
-    assert loaded.max_context_length == 2048
+    assert loaded.eos_token_ids == [32007, 32001, 32000]  # <|end|>, <|assistant|>, <|endoftext|>
+    assert tokenizer.convert_ids_to_tokens(loaded.eos_token_ids) == ["<|end|>", "<|assistant|>", "<|endoftext|>"]
+    assert loaded.max_context_length == 131072  # Phi-3.5's own, LongRoPE-scaled
 
 
 # -- detokenizer --------------------------------------------------------------------------------------

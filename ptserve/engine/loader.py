@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ptserve.config import Config
-from ptserve.engine import cpu_linear
+from ptserve.engine import cpu_linear, rope
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +145,12 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
     if quant is None:
         model.to(device)
     model.eval()
+    max_context = context_length(config, model.config)
+    rope.pin_longrope(model, max_context)
     if device.type == "cpu" and quant is None and model.dtype == torch.float32 and cpu_linear.available():
         logger.info("packed %d linear layers for oneDNN", cpu_linear.pack_linears(model))
     tokenizer = load_tokenizer(config)
-    loaded = LoadedModel(
-        model, tokenizer, device, eos_token_ids(model, tokenizer), context_length(config, model.config)
-    )
+    loaded = LoadedModel(model, tokenizer, device, eos_token_ids(model, tokenizer), max_context)
     logger.info(
         "loaded: %.1f MB, eos ids %s, context %d",
         model.get_memory_footprint() / 1e6,
