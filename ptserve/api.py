@@ -8,10 +8,13 @@ Request path:
                  choice (detokenize, stop strings) -> coalesced {"index", "text", "completion_tokens",
                  "finish_reason", "logprobs"?} messages back
   HTTP process   -> SSE chunks or one body (ptserve.streaming)
-A client that goes away (streamed or not) or a request past server.request_timeout_s marks its uid
-cancelled in a shared dict (ptserve.worker.Shared); the worker holding it drops its sequences at its
-next poll, whichever of several workers that is. Every response carries `x-request-id` (the client's
-own, or a new one), and every log line about the request names it.
+A client that goes away (streamed or not, before the first byte included) or a request past
+server.request_timeout_s marks its uid cancelled in a shared dict (ptserve.worker.Shared); the worker
+holding it drops its sequences at its next poll, whichever of several workers that is. The event loop
+never waits on another process (ptserve.link) nor on a long prompt: templates, tokenization and grammar
+checks run in a thread. An engine that fails for good makes /health 503, refuses new requests with 503
+and stops the server with a non-zero exit code, so an orchestrator restarts it. Every response carries
+`x-request-id` (the client's own, or a new one), and every log line about the request names it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 import litserve as ls
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,8 +41,9 @@ from starlette.middleware.cors import CORSMiddleware
 from ptserve import chatpage, streaming
 from ptserve.config import Config
 from ptserve.errors import APIError, envelope, error_body
-from ptserve.exchange import Deadline, Exchange, json_body
+from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
 from ptserve.frontend import Frontend, Job, Prepared
+from ptserve.link import WorkerLink
 from ptserve.logs import configure_logging, request_id_var
 from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
 from ptserve.worker import RETRY_AFTER_S, Shared, Worker
@@ -50,9 +54,11 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
+HEALTH_PATH = "/health"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID = 128  # longer or odd client ids are replaced by our own
 LOADING_RETRY_AFTER_S = 5
+ENGINE_FAILED_GRACE_S = 1.0  # a failed engine's server stays up this long (health 503, errors sent), then exits
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -67,8 +73,7 @@ class ChatSpec(LitSpec):
         self.api_path = CHAT_PATH
         self.frontend: Frontend | None = None  # loaded in the API server process only
         self.shared: Shared | None = None  # set by _Server before the processes start
-        self.setup_status: Any = None  # LitServe's workers' setup states (a manager dict), set by _Server
-        self._ready_seen = False
+        self.link = WorkerLink()  # replaced by _Server with one over the shared dicts
         self.metrics = HttpMetrics()
         self.created = int(time.time())
         self.add_endpoint(CHAT_PATH, self.chat_completions, ["POST"])
@@ -81,6 +86,7 @@ class ChatSpec(LitSpec):
         state = super().__getstate__()
         state["frontend"] = None  # the worker has its own tokenizer
         state["metrics"] = None  # counted in the HTTP process only
+        state["link"] = None  # the HTTP process's thread and queue
         return state
 
     @property
@@ -134,9 +140,20 @@ class ChatSpec(LitSpec):
         return JSONResponse(self._model_object(model))
 
     async def metrics_page(self, request: Request) -> Response:
-        if self.shared is not None:
-            self.metrics.workers = self.shared.stats
+        self.link.start()
+        self.metrics.workers = self.link.stats  # a plain dict, refreshed by the link's thread
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def health(self, request: Request) -> Response:
+        """200 once every worker has loaded the model; 503 while loading, and for good once an engine
+        has failed (the server is then stopping: an orchestrator restarts it)."""
+        self.link.start()
+        if self.link.state == WorkerLink.READY:
+            return Response("ok", media_type="text/plain")
+        body = {"status": self.link.state}
+        if self.link.failure:
+            body["error"] = self.link.failure
+        return JSONResponse(body, status_code=503)
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, self.frontend.prepare, chat=True)
@@ -144,19 +161,20 @@ class ChatSpec(LitSpec):
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, self.frontend.prepare_completion, chat=False)
 
-    def _ready(self) -> bool:
-        """Whether a worker has loaded the model (remembered once true: no IPC per request after)."""
-        if not self._ready_seen and self.setup_status is not None:
-            states = list(self.setup_status.values())
-            self._ready_seen = any(v == WorkerSetupStatus.READY for v in states)
-        return self._ready_seen or self.setup_status is None
-
     async def _serve(self, request: Request, prepare, chat: bool) -> Response:
         start = time.monotonic()
         deadline = Deadline.after(self.config.server.request_timeout_s)
+        self.link.start()
         try:
             self._authorize(request)
-            if not self._ready():
+            if self.link.state == WorkerLink.FAILED:
+                raise APIError(
+                    f"The inference engine has failed ({self.link.failure}); the server is restarting. Retry shortly.",
+                    503,
+                    code="engine_failed",
+                    headers={"Retry-After": str(LOADING_RETRY_AFTER_S)},
+                )
+            if not self.link.any_ready:
                 raise APIError(
                     f"The model is still loading. Retry after {LOADING_RETRY_AFTER_S} s "
                     "(GET /health says 200 when it is ready).",
@@ -164,7 +182,10 @@ class ChatSpec(LitSpec):
                     code="model_loading",
                     headers={"Retry-After": str(LOADING_RETRY_AFTER_S)},
                 )
-            prepared = prepare(await json_body(request, self.config.server.max_body_bytes))
+            raw = await read_body(request, self.config.server.max_body_bytes)
+            # Parsing, the chat template, tokenization and grammar checks take long for long prompts:
+            # off the event loop, so running streams keep flowing.
+            prepared = await asyncio.to_thread(lambda: prepare(parse_json(raw)))
         except APIError as exc:
             logger.info("refused with %d: %s", exc.status, exc.message)
             return error_response(exc)
@@ -191,8 +212,8 @@ class ChatSpec(LitSpec):
 
         exchange = Exchange(messages, self._format(prepared, chat), prepared, deadline, release)
         if prepared.request.stream:
-            return StreamingResponse(
-                exchange.sse(),
+            return ReleasingStreamingResponse(
+                exchange,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -233,8 +254,7 @@ class ChatSpec(LitSpec):
 
     def _cancel(self, uid: str) -> None:
         self.response_buffer.pop(uid, None)
-        if self.shared is not None:
-            self.shared.cancelled[uid] = time.time()  # the worker that holds it picks it up
+        self.link.cancel(uid)  # the worker that holds it picks it up
 
 
 # -- inference worker process -----------------------------------------------------------------------
@@ -316,10 +336,12 @@ class RequestContext:
 
 class _Server(ls.LitServer):
     """LitServer that answers HTTP while the model loads: /health says 503 until the workers are ready
-    (LitServe's own run() does not listen before then). A worker that fails to load stops the server.
+    (LitServe's own run() does not listen before then). A worker that fails to load, or whose engine
+    stops for good later, stops the server (run() then returns False: a non-zero exit).
     It also makes the shared dicts (cancellations, worker counters) that every process sees."""
 
     load_failed = False
+    engine_failed = False
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)
@@ -327,7 +349,9 @@ class _Server(ls.LitServer):
         for lit_api in self.litapi_connector:
             lit_api.shared = shared
             lit_api.spec.shared = shared
-            lit_api.spec.setup_status = self.workers_setup_status
+            lit_api.spec.link = WorkerLink(
+                self.workers_setup_status, shared, ready=WorkerSetupStatus.READY, error=WorkerSetupStatus.ERROR
+            )
         return manager
 
     def verify_worker_status(self):
@@ -341,8 +365,24 @@ class _Server(ls.LitServer):
                     return
                 if states and all(v == WorkerSetupStatus.READY for v in states):
                     logger.info("model loaded: ready to serve")
-                    return
+                    break
                 time.sleep(0.1)
+            watch_engines()
+
+        def watch_engines():
+            shared = self.litapi_connector[0].shared
+            while not self._shutdown_event.is_set():
+                try:
+                    dead = [f"{name}: {s['dead']}" for name, s in dict(shared.stats).items() if s.get("dead")]
+                except (OSError, EOFError, BrokenPipeError):  # the manager is gone: shutting down
+                    return
+                if dead:
+                    logger.critical("inference engine failed (%s); shutting down to be restarted", "; ".join(dead))
+                    self.engine_failed = True
+                    time.sleep(ENGINE_FAILED_GRACE_S)  # /health reads 503 meanwhile; in-flight requests have failed
+                    self._shutdown_event.set()
+                    return
+                time.sleep(0.2)
 
         threading.Thread(target=watch, name="ptserve-load-watch", daemon=True).start()
 
@@ -383,13 +423,16 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
         return HTMLResponse(page)
 
     server.app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
+    # /health from the link's cached view: LitServe's reads the manager dict on the event loop.
+    server.app.router.routes[:] = [r for r in server.app.router.routes if getattr(r, "path", None) != HEALTH_PATH]
+    server.app.add_api_route(HEALTH_PATH, api.spec.health, methods=["GET"], include_in_schema=False)
     server.app.add_exception_handler(StarletteHTTPException, _http_error)
     server.app.add_exception_handler(RequestValidationError, _validation_error)
     return server
 
 
 def run(config: Config) -> bool:
-    """Serve until stopped; False when the model failed to load."""
+    """Serve until stopped; False when the model failed to load or an engine failed for good."""
     server = build_server(config)
     server.run(host=config.server.host, port=config.server.port, generate_client_file=False, num_api_servers=1)
-    return not server.load_failed
+    return not (server.load_failed or server.engine_failed)

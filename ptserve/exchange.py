@@ -1,6 +1,8 @@
 """One accepted request between the inference worker's messages and the client: SSE chunks or one
 body, the request timeout, and a client that goes away. No LitServe here: `api.py` hands over the
 message iterator and a `release(finished)` callback that frees (or cancels) the request upstream.
+`release` runs exactly once, however the client leaves: mid-stream, mid-body, or before the first byte
+(when the response's generator never even starts).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ptserve import streaming
 from ptserve.errors import APIError, envelope
@@ -51,7 +53,14 @@ class Exchange:
     fmt: streaming.ChatFormat | streaming.TextFormat
     prepared: Prepared
     deadline: Deadline
-    release: Callable[[bool], None]
+    on_release: Callable[[bool], None]
+    released: bool = False
+
+    def release(self, finished: bool) -> None:
+        """Free the request upstream (finished) or cancel it (not); only the first call counts."""
+        if not self.released:
+            self.released = True
+            self.on_release(finished)
 
     async def sse(self):
         fmt, prepared = self.fmt, self.prepared
@@ -151,8 +160,24 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def json_body(request: Request, limit: int) -> Any:
-    """The request's JSON, read up to `limit` bytes (413 beyond)."""
+class ReleasingStreamingResponse(StreamingResponse):
+    """The exchange's SSE stream, released however the response ends. Starlette cancels a response whose
+    client disconnects; if that happens before the body's generator has started, the generator's own
+    `finally` never runs, and the sequence would generate on, unread, until max_tokens."""
+
+    def __init__(self, exchange: Exchange, **kwargs):
+        super().__init__(exchange.sse(), **kwargs)
+        self.exchange = exchange
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.exchange.release(False)  # a no-op when the stream released itself
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, read up to `limit` bytes (413 beyond)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(int(declared), limit)
@@ -162,8 +187,12 @@ async def json_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise _too_large(size, limit)
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError(
             "We could not parse the JSON body of your request. The body must be valid JSON "

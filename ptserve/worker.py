@@ -7,7 +7,10 @@ choice, {"index", "text", "completion_tokens", "finish_reason", "logprobs"?, "pr
 Several workers (devices x workers_per_device) may serve one HTTP process, and LitServe's request
 queue hands a request to any of them. So cancellations and counters go through `Shared`, two
 multiprocessing-manager dicts every process can see: the HTTP process marks a request id cancelled,
-the worker that holds it cancels it at its next poll; each worker publishes its engine's counters.
+the worker that holds it cancels it at its next poll; each worker publishes its engine's counters (and,
+once its engine has stopped for good, why: the HTTP process then answers 503 and the server exits
+non-zero, so an orchestrator restarts it). Only the poll thread touches those dicts: a manager dict
+is a round trip to another process, never made on an event loop.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ptserve.engine import loader
 from ptserve.engine.detokenize import TextStream, TokenNames
 from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.sampling import SamplingParams
-from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
+from ptserve.engine.scheduler import Engine, EngineDead, EngineFull, NeverFits
 from ptserve.errors import envelope
 from ptserve.frontend import Job
 from ptserve.logs import request_id_var
@@ -67,6 +70,7 @@ class Worker:
             max_seqs=server.max_concurrent_sequences,
             kv_budget_bytes=budget,
             grammars=grammars,
+            vocab_limit=len(loaded.tokenizer),
         ).start()
         logger.info(
             "engine %s: %d sequences at once, KV cache budget %d tokens (%.2f GB)",
@@ -76,6 +80,7 @@ class Worker:
             self.engine.kv_budget_tokens * self.engine.bytes_per_token / 1e9,
         )
         self.streams: dict[str, list] = {}
+        self.cancelled: set[str] = set()  # the shared dict's keys as of the last poll (read on the event loop)
         if shared is not None:
             threading.Thread(target=self._poll, name="ptserve-worker-poll", daemon=True).start()
 
@@ -83,12 +88,15 @@ class Worker:
     async def run(self, uid: str, job: Job):
         """The messages for one request (see the module docstring)."""
         request_id_var.set(job.request_id)
-        if self.shared is not None and uid in self.shared.cancelled:  # cancelled while it waited in the queue
-            self.shared.cancelled.pop(uid, None)
+        if uid in self.cancelled:  # cancelled while it waited in the queue (the poll thread drops the entry)
             yield {"error": envelope(499, "The request was cancelled."), "status": 499}
             return
         try:
             streams = self.engine.submit_many(self.sequences(job))
+        except EngineDead as exc:
+            message = f"The inference engine has failed ({exc}); the server is restarting. Retry shortly."
+            yield {"error": envelope(503, message, code="engine_failed"), "status": 503}
+            return
         except EngineFull as exc:
             message = f"The server is busy: {exc}. Retry after {RETRY_AFTER_S} s."
             yield {"error": envelope(429, message, code="queue_full"), "status": 429}
@@ -105,6 +113,8 @@ class Worker:
         try:
             async for message in _merge(choices):
                 yield message
+                if "error" in message:  # the request has failed: its other choices stop too (finally)
+                    return
         finally:
             self.streams.pop(uid, None)
             for stream in streams:
@@ -129,6 +139,7 @@ class Worker:
             "max_running": engine.max_seqs,
             "kv_budget_tokens": engine.kv_budget_tokens,
             "kv_reserved_tokens": engine.kv_reserved_tokens,
+            "dead": engine.dead,
             "time": time.time(),
         }
 
@@ -146,7 +157,9 @@ class Worker:
 
     def _claim_cancellations(self) -> None:
         now = time.time()
-        for uid, when in list(self.shared.cancelled.items()):
+        cancelled = dict(self.shared.cancelled)  # one round trip
+        self.cancelled = set(cancelled)
+        for uid, when in cancelled.items():
             streams = self.streams.get(uid)
             if streams is not None:
                 for stream in streams:

@@ -9,7 +9,7 @@ import torch
 
 from ptserve.config import load_config
 from ptserve.engine import loader
-from ptserve.engine.detokenize import IncrementalDetokenizer, TextStream
+from ptserve.engine.detokenize import IncrementalDetokenizer, TextStream, TokenNames
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, EngineFull, NeverFits
 from ptserve.prompting import encode_prompt, render_messages
@@ -411,6 +411,62 @@ def test_min_tokens_holds_eos_back(engine, tokenizer):
     assert results[0] == ([eos], "stop")
     tokens, finish = results[1]
     assert (len(tokens), tokens[-1], finish) == (6, eos, "stop") and eos not in tokens[:5]
+
+
+@pytest.mark.parametrize("eos", [32007, 32001, 32000], ids=["end", "assistant", "endoftext"])
+def test_stops_on_each_of_phi35s_eos_ids(loaded, tokenizer, eos):
+    """The worker's stop list is the generation config's; forced by a bias, each one ends the sequence,
+    and its text is never shown."""
+    engine = Engine(loaded.model, loaded.max_context_length, vocab_limit=len(tokenizer)).start()
+    params = SamplingParams(9, temperature=0.0, stop_token_ids=tuple(loaded.eos_token_ids), logit_bias=((eos, 100.0),))
+    try:
+        [(tokens, finish)] = run_engine(engine, [(prompt_ids(tokenizer), params)])
+    finally:
+        engine.shutdown()
+    assert (tokens, finish) == ([eos], "stop")
+    stream = TextStream(tokenizer, [])
+    assert stream.add(eos) + stream.finish() == ""
+
+
+def test_padded_vocabulary_rows_are_never_sampled(loaded, tokenizer):
+    """Phi-3.5's embedding has 32,064 rows for 32,011 tokens: the 53 past the tokenizer have no text. Even
+    biased, they are never drawn; log-probabilities stay the model's own and may name them (no text)."""
+    padded = 32050
+    engine = Engine(loaded.model, loaded.max_context_length, vocab_limit=len(tokenizer)).start()
+    bias = ((padded, 100.0),)
+    jobs = [
+        (prompt_ids(tokenizer), SamplingParams(6, temperature=0.0, logit_bias=bias, logprobs=2)),
+        (prompt_ids(tokenizer), SamplingParams(6, temperature=1.0, seed=1, logit_bias=bias)),
+    ]
+    try:
+        outs = run_full(engine, jobs)
+    finally:
+        engine.shutdown()
+    for tokens, _, finish, _ in outs:
+        assert finish == "length" and len(tokens) == 6 and max(tokens) < len(tokenizer)
+    assert TokenNames(tokenizer).record(padded, -1.0) == {"token": "", "logprob": -1.0, "bytes": [], "top_logprobs": []}
+
+
+def test_utf8_across_byte_fallback_tokens(tokenizer):
+    """Characters outside Phi-3.5's vocabulary are spelled with <0xNN> byte tokens: the text streams whole
+    characters only, and joined equals the full decode."""
+    text = "Ação ✓ 𝄞 emoji 🦜 e 漢字"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert sum(1 for t in tokenizer.convert_ids_to_tokens(ids) if t.startswith("<0x")) >= 4  # 𝄞 and 🦜
+    stream = TextStream(tokenizer, [])
+    pieces = [stream.add(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_string_across_tokens_with_phi35s_pieces(tokenizer):
+    ids = tokenizer("Olá mundo, FIMDEJOGO e depois", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, ["DEJO"])
+    out = ""
+    for i in ids:
+        out += stream.add(i)
+        if stream.stopped:
+            break
+    assert (out, stream.stopped) == ("Olá mundo, FIM", True)
 
 
 def test_top_k_1_is_greedy_and_seeds_repeat(engine, tokenizer):

@@ -2,7 +2,9 @@
 HTTP, the openai SDK (including its streaming helper) and LangChain (bind_tools, with_structured_output).
 
 A random model writes gibberish, so every string in these schemas has a maxLength: the grammar then
-closes the JSON within a few dozen tokens whatever the model prefers.
+closes the JSON within a few dozen tokens whatever the model prefers. Nor does it ever pick Phi-3.5's
+<|end|> by itself: after a tool call, where another call may follow, requests bias it (END) so that the
+model stops wherever the grammar lets it.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    """The tools prompt takes ~600 tokens of the tiny byte-level vocabulary: a 2048-token context."""
+    """The tools prompt takes ~200 of Phi-3.5's tokens: a 2048-token context."""
     text = f"model:\n  id: {tiny_model_dir}\n  max_context_length: 2048\n"
     with served(tmp_path_factory, "tools", text, ("--api-key", API_KEY)) as srv:
         yield srv
 
 
 MODEL = "phi-3.5-mini-instruct"
+END = {"32007": 30}  # <|end|>: taken as soon as the grammar allows it
 USER = [{"role": "user", "content": "Como está o tempo em Lisboa?"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -93,11 +96,11 @@ def accumulate(chunks) -> tuple[list[dict], str | None, str | None]:
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_required_and_named_stream_and_not(server, choice):
     names = {"get_weather"} if isinstance(choice, dict) else None
-    body = chat(server, tools=TOOLS, tool_choice=choice)
+    body = chat(server, tools=TOOLS, tool_choice=choice, logit_bias=END)
     message, finish = body["choices"][0]["message"], body["choices"][0]["finish_reason"]
     assert (message["content"], finish) == (None, "tool_calls")
     check_calls(message["tool_calls"], names)
-    calls, content, finish = accumulate(stream(server, tools=TOOLS, tool_choice=choice))
+    calls, content, finish = accumulate(stream(server, tools=TOOLS, tool_choice=choice, logit_bias=END))
     assert (content, finish) == (None, "tool_calls")
     check_calls(calls, names)
     assert [c["function"] for c in calls] == [c["function"] for c in message["tool_calls"]]
@@ -109,14 +112,15 @@ def test_parallel_calls_off_gives_one_call(server):
 
 
 def test_auto_chooses_text_or_calls_and_never_returns_a_call_as_content(server, tokenizer):
-    lt = str(tokenizer.convert_tokens_to_ids("<0x3C>"))  # "<": the only way into a call
-    called = chat(server, tools=TOOLS, logit_bias={lt: 100})
+    lt = str(tokenizer.convert_tokens_to_ids("<"))  # "<": the only way into a call
+    # One call at most: with "<" favoured, a random model would otherwise call on and on.
+    called = chat(server, tools=TOOLS, logit_bias={lt: 100}, parallel_tool_calls=False)
     assert called["choices"][0]["finish_reason"] == "tool_calls"
     check_calls(called["choices"][0]["message"]["tool_calls"])
     texted = chat(server, tools=TOOLS, logit_bias={lt: -100}, max_tokens=20)
     message = texted["choices"][0]["message"]
     assert "tool_calls" not in message and not message["content"].lstrip().startswith("<")
-    calls, content, finish = accumulate(stream(server, tools=TOOLS, logit_bias={lt: 100}))
+    calls, content, finish = accumulate(stream(server, tools=TOOLS, logit_bias={lt: 100}, parallel_tool_calls=False))
     assert finish == "tool_calls" and content is None
     assert [c["function"] for c in calls] == [c["function"] for c in called["choices"][0]["message"]["tool_calls"]]
     calls, content, finish = accumulate(stream(server, tools=TOOLS, logit_bias={lt: -100}, max_tokens=20))
@@ -165,7 +169,11 @@ def test_bad_schema_gets_400(server):
 def test_constrained_and_free_requests_together(server):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     alone = chat(server, max_tokens=16)["choices"][0]["message"]["content"]
-    jobs = [dict(max_tokens=16), dict(response_format=fmt), dict(tools=TOOLS, tool_choice="required")] * 4
+    jobs = [
+        dict(max_tokens=16),
+        dict(response_format=fmt),
+        dict(tools=TOOLS, tool_choice="required", logit_bias=END),
+    ] * 4
     with ThreadPoolExecutor(len(jobs)) as pool:
         bodies = list(pool.map(lambda fields: chat(server, **fields), jobs))
     for fields, body in zip(jobs, bodies, strict=True):
@@ -186,7 +194,7 @@ def client(server):
 
 def test_openai_streaming_helper_accumulates_tool_calls(client):
     with client.chat.completions.stream(
-        model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=150, temperature=0
+        model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=150, temperature=0, logit_bias=END
     ) as events:
         kinds = {event.type for event in events}
         final = events.get_final_completion()
@@ -218,7 +226,9 @@ class GetWeather(BaseModel):
 def test_langchain_bind_tools_and_structured_output(server):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, model=MODEL, temperature=0, max_tokens=150)
+    llm = ChatOpenAI(
+        base_url=server.base_url + "/v1", api_key=API_KEY, model=MODEL, temperature=0, max_tokens=150, logit_bias=END
+    )
     message = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke("Tempo em Lisboa?")
     assert len(message.tool_calls) == 1, (message, message.invalid_tool_calls, message.response_metadata)
     [call] = message.tool_calls

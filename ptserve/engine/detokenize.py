@@ -113,7 +113,9 @@ class TokenNames:
         found = self._cache.get(token_id)
         if found is None:
             piece = self._tok.convert_ids_to_tokens(token_id)
-            if token_id in self._special:
+            if piece is None:  # past the tokenizer (Phi-3.5's padded embedding rows): no text
+                raw = b""
+            elif token_id in self._special:
                 raw = piece.encode()
             elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
                 raw = bytes([int(piece[3:5], 16)])

@@ -236,12 +236,19 @@ def apply_grammars(logits: torch.Tensor, states: list[RowState], grammars: Gramm
 
 
 def next_tokens(
-    logits: torch.Tensor, states: list[RowState], grammars: GrammarBackend | None = None
+    logits: torch.Tensor,
+    states: list[RowState],
+    grammars: GrammarBackend | None = None,
+    vocab_limit: int | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """One decoding step for a batch: logits [B, V] -> (token ids, logprobs where asked), and each row's
-    history (and grammar) updated."""
+    history (and grammar) updated. Ids from `vocab_limit` on are never drawn (Phi-3.5's embedding has
+    53 padding rows past its 32,011 tokens: they have no text); logprobs stay the model's own."""
     raw = logits
     logits = logits.float()
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = logits.clone() if logits is raw else logits
+        logits[:, vocab_limit:] = float("-inf")
     if any(s.counts is not None or s.bias is not None or s.params.min_tokens for s in states):
         logits = apply_penalties(logits.clone() if logits is raw else logits, states)
     if grammars is not None and any(s.matcher is not None for s in states):

@@ -2,8 +2,8 @@
 
 Contract (what the API layer relies on):
 - `Engine.submit(prompt_ids, params)` returns a `GenerationStream` at once, or raises `EngineFull`
-  when `max_queued` requests already wait, or `NeverFits` when the request could never fit the KV
-  cache budget.
+  when `max_queued` requests already wait, `NeverFits` when the request could never fit the KV
+  cache budget, or `EngineDead` once the engine has stopped for good.
 - `Engine.submit_many([(prompt_ids, params), ...])` does the same for several sequences (a request's
   `n` choices or its several prompts), all or none.
 - `async for out in stream` yields `StepOutput(token_ids, finish_reason, logprobs)`: every token id
@@ -14,6 +14,10 @@ Contract (what the API layer relies on):
 - `stream.prompt_logprobs` holds the prompt's log-probabilities (when `params.prompt_logprobs` is set)
   before the first output arrives; `max_tokens=0` scores the prompt and generates nothing.
 - `stream.cancel()` from any thread: the sequence leaves the batch at the next step.
+- A step that fails (out of memory, a bad row) fails the rows in that forward pass with "error"; the
+  engine serves on. A failure that leaves the device unusable (a CUDA error other than out of memory) or
+  kills the engine thread fails every request at once, sets `engine.dead` and makes `submit` raise
+  `EngineDead`: the process must be restarted (the worker reports it; /health says 503).
 - Requests never mix: each row has its own cache slot, positions, sampling settings and RNG.
 
 One engine thread loops:
@@ -53,6 +57,26 @@ class EngineFull(Exception):
 
 class NeverFits(Exception):
     """The request needs more KV cache than the whole budget."""
+
+
+class EngineDead(Exception):
+    """The engine has stopped for good (its thread died or the device failed)."""
+
+
+# Errors after which the device cannot be trusted again: the CUDA context is lost, every later call fails.
+FATAL_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "CUDNN_STATUS", "illegal memory access")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether `exc` leaves the engine unusable. Out of memory is not: the step's rows fail, the rest go on."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt... in the engine thread
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return any(marker in str(exc) for marker in FATAL_MARKERS)
 
 
 @dataclass
@@ -150,9 +174,11 @@ class Engine:
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK_TOKENS,
         grammars: GrammarBackend | None = None,
+        vocab_limit: int | None = None,
     ):
         self.model = model
         self.grammars = grammars
+        self.vocab_limit = vocab_limit  # ids past the tokenizer's (no text) are never sampled
         self.device = next(model.parameters()).device
         self.max_context_length = max_context_length
         self.max_queued = max_queued
@@ -183,6 +209,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.dead: str | None = None  # why the engine stopped for good
 
     # -- public API ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -201,6 +228,8 @@ class Engine:
 
     def submit_many(self, jobs: list[tuple[list[int], SamplingParams]]) -> list[GenerationStream]:
         """Several sequences (a request's `n` choices, or its several prompts), queued together or not at all."""
+        if self.dead is not None:
+            raise EngineDead(self.dead)
         for prompt_ids, params in jobs:
             need = min(len(prompt_ids) + params.max_tokens, self.max_context_length)
             if need > self.kv_budget_tokens:
@@ -216,6 +245,10 @@ class Engine:
         streams = [GenerationStream(next(self._ids), list(ids), params, loop) for ids, params in jobs]
         for stream in streams:
             self._waiting.put(stream)
+        if self.dead is not None:  # it died while these were queued: nobody will take them
+            for stream in streams:
+                stream.error = self.dead
+                stream._publish(None, "error")
         return streams
 
     @property
@@ -235,22 +268,62 @@ class Engine:
 
     # -- engine thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stopping:
-            try:
+        try:
+            while not self._stopping:
                 if not self._take_arrivals(block=not (self._rows or self._group or self._held)):
                     break
                 with torch.inference_mode():
                     self._admit()
                     if self._group:
-                        self._prefill_step()
+                        self._guarded(self._prefill_step, "prefill")
                     if self._rows:
-                        self._decode_step()
+                        self._guarded(self._decode_step, "decode")
                     self._retire()
                 if not (self._rows or self._group):
                     self.cache.release()
-            except Exception as exc:  # a failed step fails the rows in it, not the engine
-                logger.exception("engine step failed")
-                self._fail_all(f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:
+            self._die(exc)
+
+    def _guarded(self, step, name: str) -> None:
+        """Run a step; a failure fails the rows in its forward pass, not the engine (unless it is fatal)."""
+        try:
+            step()
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            logger.exception("engine %s step failed", name)
+            rows = self._group if name == "prefill" else self._rows
+            self._fail(rows, f"{type(exc).__name__}: {exc}")
+            if name == "prefill":
+                self._group = []
+            else:
+                self._rows = []
+                self.cache.release()
+            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _die(self, exc: BaseException) -> None:
+        """The engine cannot go on: fail every request it holds or will be handed, at once."""
+        self.dead = f"{type(exc).__name__}: {exc}"
+        logger.critical("engine stopped for good: %s", self.dead, exc_info=exc)
+        self._fail(self._rows + self._group, self.dead)
+        self._rows, self._group = [], []
+        while True:
+            try:
+                item = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._held.append(item)
+        while self._held:
+            stream = self._held.popleft()
+            stream.error = self.dead
+            stream._publish(None, "error")
+        try:
+            self.cache.release()
+            self._prefill_cache.release()
+        except Exception:  # the device may refuse even this
+            pass
 
     def _take_arrivals(self, block: bool) -> bool:
         """Move queued streams to `_held`; False on shutdown."""
@@ -390,7 +463,7 @@ class Engine:
 
     def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = self.model.lm_head(hidden)  # [n, V]
-        return next_tokens(logits, [r.state for r in rows], self.grammars)
+        return next_tokens(logits, [r.state for r in rows], self.grammars, self.vocab_limit)
 
     def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict. hidden: [L, H]."""
@@ -419,10 +492,10 @@ class Engine:
             row.finish = "length"
         row.stream._publish(None if row.finish in ("abort", "error") else token, row.finish, logprob)
 
-    def _fail_all(self, message: str) -> None:
-        for r in self._rows + self._group:
+    @staticmethod
+    def _fail(rows: list[_Row], message: str) -> None:
+        for r in rows:
             if r.finish is None:
+                r.finish = "error"
                 r.stream.error = message
                 r.stream._publish(None, "error")
-        self._rows, self._group = [], []
-        self.cache.release()

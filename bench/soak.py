@@ -1,0 +1,196 @@
+"""Memory soak: does the server's memory plateau under long mixed traffic?
+
+    python bench/soak.py [--requests 3000] [--concurrency 8] [--out FILE]
+
+Starts ptserve on loopback with a tiny random-weight Phi-3.5 (Phi-3.5's tokenizer, hidden 64; built once in
+bench/out/) and sends `--requests` requests, `--concurrency` at a time, cycling through a mix: streamed
+chat (with usage), plain chat, n=2 with logprobs, JSON-schema output, tool calls, legacy completions with
+echo and logprobs, a long prompt, and one in four streams abandoned after three chunks. After a warm-up
+and after each third it reads the resident memory (VmRSS) of every process of the server (main, HTTP,
+inference worker, manager) and reports each third's growth. A benchmark, not a test: nothing here
+asserts; the README quotes its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+WARMUP = 100
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name", "age"],
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}},
+        },
+    }
+]
+
+
+def chat(i: int, **fields) -> tuple[str, dict]:
+    messages = [{"role": "user", "content": f"Pergunta {i}: como está o tempo em Lisboa hoje?"}]
+    return "/v1/chat/completions", {"model": "m", "messages": messages, "max_tokens": 24, **fields}
+
+
+def mix(i: int) -> tuple[str, dict, bool]:
+    """(path, body, abandon mid-stream) for request i."""
+    kind = i % 8
+    if kind in (0, 4):  # a quarter: streams the client leaves after three chunks
+        return (*chat(i, stream=True, max_tokens=200), True)
+    if kind == 1:
+        return (*chat(i, stream=True, stream_options={"include_usage": True}), False)
+    if kind == 2:
+        return (*chat(i, n=2, logprobs=True, top_logprobs=3, temperature=1.0, seed=i), False)
+    if kind == 3:
+        fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+        return (*chat(i, response_format=fmt, max_tokens=40), False)
+    if kind == 5:
+        return (*chat(i, tools=TOOLS, tool_choice="required", max_tokens=40, logit_bias={"32007": 30}), False)
+    if kind == 6:
+        body = {"model": "m", "prompt": f"Era uma vez {i}", "max_tokens": 8, "echo": True, "logprobs": 2}
+        return "/v1/completions", body, False
+    long_prompt = " ".join(f"palavra{j}" for j in range(400 + i % 50))
+    return "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": long_prompt}]}, False
+
+
+async def one(client: httpx.AsyncClient, i: int) -> str:
+    path, body, abandon = mix(i)
+    if body.get("stream"):
+        async with client.stream("POST", path, json=body) as r:
+            chunks = 0
+            async for line in r.aiter_lines():
+                chunks += bool(line)
+                if abandon and chunks >= 3:
+                    return "abandoned"
+        return str(r.status_code)
+    r = await client.post(path, json=body)
+    return str(r.status_code)
+
+
+async def drive(base_url: str, start: int, count: int, concurrency: int) -> dict[str, int]:
+    counter = itertools.count(start)
+    outcomes: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+
+        async def worker():
+            while (i := next(counter)) < start + count:
+                outcome = await one(client, i)
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes
+
+
+def processes(root_pid: int) -> dict[int, str]:
+    """The server's processes: its session (tests and this script start it with start_new_session)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) != root_pid:
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ProcessLookupError):
+            continue
+        found[int(entry.name)] = _role(cmd)
+    return found
+
+
+def _role(cmd: str) -> str:
+    if "server.py" in cmd:
+        return "main"
+    if "spawn_main" in cmd or "multiprocessing" in cmd:
+        return "spawned (worker or manager)"
+    return cmd[:60]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def snapshot(root_pid: int) -> dict[str, float]:
+    return {f"{pid} {role}": round(rss_mb(pid), 1) for pid, role in sorted(processes(root_pid).items())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--model", type=Path, default=OUT / "soak-model")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    from ptserve.tinymodel import build
+    from tests.conftest import RunningServer
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not (args.model / "config.json").exists():
+        build(args.model)
+    config = OUT / "soak-config.yaml"
+    config.write_text(f"model:\n  id: {args.model}\n  max_context_length: 4096\n")
+    server = RunningServer(["--config", str(config)], log_path=OUT / "soak-server.log")
+    try:
+        server.wait_ready()
+        base = server.base_url
+        asyncio.run(drive(base, 0, WARMUP, args.concurrency))
+        rows = [{"after": WARMUP, "rss_mb": snapshot(server.proc.pid)}]
+        third = args.requests // 3
+        outcomes: dict[str, int] = {}
+        for k in range(3):
+            began = time.monotonic()
+            for key, n in asyncio.run(drive(base, WARMUP + k * third, third, args.concurrency)).items():
+                outcomes[key] = outcomes.get(key, 0) + n
+            time.sleep(1.0)  # let abandoned sequences finish leaving
+            rows.append(
+                {
+                    "after": WARMUP + (k + 1) * third,
+                    "seconds": round(time.monotonic() - began, 1),
+                    "rss_mb": snapshot(server.proc.pid),
+                }
+            )
+            total = sum(rows[-1]["rss_mb"].values())
+            before = sum(rows[-2]["rss_mb"].values())
+            rows[-1]["total_mb"] = round(total, 1)
+            rows[-1]["growth_pct"] = round(100 * (total - before) / before, 2)
+            print(json.dumps(rows[-1]), flush=True)
+        rows[0]["total_mb"] = round(sum(rows[0]["rss_mb"].values()), 1)
+    finally:
+        server.stop()
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "requests": WARMUP + 3 * (args.requests // 3),
+        "concurrency": args.concurrency,
+        "outcomes": outcomes,
+        "rows": rows,
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
