@@ -345,7 +345,7 @@ class _Server(ls.LitServer):
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)
-        shared = Shared(cancelled=manager.dict(), stats=manager.dict())
+        shared = self.shared = Shared(cancelled=manager.dict(), stats=manager.dict())
         for lit_api in self.litapi_connector:
             lit_api.shared = shared
             lit_api.spec.shared = shared
@@ -370,7 +370,7 @@ class _Server(ls.LitServer):
             watch_engines()
 
         def watch_engines():
-            shared = self.litapi_connector[0].shared
+            shared = self.shared
             while not self._shutdown_event.is_set():
                 try:
                     dead = [f"{name}: {s['dead']}" for name, s in dict(shared.stats).items() if s.get("dead")]

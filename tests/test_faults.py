@@ -9,6 +9,7 @@ free their slots, and an engine that cannot go on makes /health 503 and the serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import socket
@@ -18,13 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from starlette.requests import ClientDisconnect
 
 from ptserve.config import load_config
 from ptserve.engine import loader
 from ptserve.engine.detokenize import TokenNames
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, EngineDead, StepOutput
-from ptserve.frontend import Job
+from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse
+from ptserve.frontend import Job, Prepared
+from ptserve.protocol import ChatCompletionRequest, ChatMessage
+from ptserve.streaming import ChatFormat
 from ptserve.worker import Worker
 from tests.conftest import RunningServer, gauge, wait_gauge
 
@@ -52,6 +57,13 @@ def inject(engine: Engine, error: BaseException, at: int, phase: str = "decode")
     engine._forward = forward
 
 
+def run_one(engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[int], str | None]:
+    async def one():
+        return await collect(engine.submit(ids, params))
+
+    return asyncio.run(one())
+
+
 async def collect(stream) -> tuple[list[int], str | None]:
     tokens, finish = [], None
     async for out in stream:
@@ -69,7 +81,7 @@ def test_out_of_memory_mid_batch_fails_that_batch_and_the_engine_serves_on(loade
     ids = tokenizer("Olá, tudo bem?", add_special_tokens=False)["input_ids"]
     engine = Engine(loaded.model, loaded.max_context_length).start()
     try:
-        reference = asyncio.run(collect(engine.submit(ids, greedy(8))))
+        reference = run_one(engine, ids, greedy(8))
         inject(engine, torch.OutOfMemoryError("CUDA out of memory (injected)"), at=3)
 
         async def scenario():
@@ -83,7 +95,7 @@ def test_out_of_memory_mid_batch_fails_that_batch_and_the_engine_serves_on(loade
         engine.shutdown()
     assert [finish for _, finish in failed] == ["error"] * 3
     assert all("OutOfMemoryError" in s.error for s in batch)
-    assert [len(tokens) for tokens, _ in failed] == [2] * 3  # the prefill's token and one decode step
+    assert [len(tokens) for tokens, _ in failed] == [3] * 3  # the prefill's token, two decode steps, then OOM
     assert after == reference and engine.dead is None and engine.running == 0
 
 
@@ -91,7 +103,7 @@ def test_out_of_memory_in_a_joining_prefill_spares_the_running_rows(loaded, toke
     ids = tokenizer("Olá, tudo bem?", add_special_tokens=False)["input_ids"]
     engine = Engine(loaded.model, loaded.max_context_length).start()
     try:
-        reference = asyncio.run(collect(engine.submit(ids, greedy(30))))
+        reference = run_one(engine, ids, greedy(30))
 
         async def scenario():
             running = engine.submit(ids, greedy(30))
@@ -129,6 +141,7 @@ def test_an_engine_that_cannot_go_on_fails_everything_at_once(loaded, tokenizer,
         streams, outs = asyncio.run(scenario())
         assert [finish for _, finish in outs] == ["error"] * 3
         assert engine.dead is not None and all(s.error == engine.dead for s in streams)
+        engine._thread.join(timeout=10)
         assert not engine._thread.is_alive()
 
         async def after():
@@ -192,6 +205,40 @@ def test_when_one_of_n_choices_fails_its_siblings_are_cancelled(tokenizer):
     assert "error" in messages[-1] and messages[-1]["status"] == 500
     assert [s.cancelled for s in worker.engine.streams] == [True, True, True]
     assert worker.streams == {}
+
+
+# -- the HTTP side, in-process: a response whose client is gone before its first byte --------------------
+def exchange_with(released: list[bool]) -> Exchange:
+    async def messages():  # the worker's messages: a choice that would run for a long time
+        while True:
+            await asyncio.sleep(0.01)
+            yield {"index": 0, "text": "x", "completion_tokens": 1, "finish_reason": None}
+
+    request = ChatCompletionRequest(model="m", messages=[ChatMessage(role="user", content="Olá")], stream=True)
+    prepared = Prepared(request, Job([[1]], SamplingParams(10), []), "m")
+    return Exchange(messages(), ChatFormat("m"), prepared, Deadline.after(None), released.append)
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_a_stream_is_released_when_its_client_leaves_before_the_first_byte(spec_version):
+    """ASGI 2.3 servers (uvicorn) report the disconnect through receive(); 2.4 ones make send() raise, and
+    Starlette then never starts the body's generator: its `finally` alone would never release."""
+    released: list[bool] = []
+    response = ReleasingStreamingResponse(exchange_with(released), media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}}
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("connection reset by peer")
+
+    async def scenario():
+        with contextlib.suppress(OSError, ClientDisconnect):
+            await response(scope, receive, send)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert released == [False]  # cancelled upstream, once
 
 
 # -- the real server over loopback --------------------------------------------------------------------

@@ -8,18 +8,18 @@ what to break. Nothing in ptserve knows about it.
 """
 
 import os
+import sys
 
 _SPEC = os.environ.get("FAULT_INJECT")
+_TARGET = "ptserve.engine.scheduler"
 
 
 class EngineThreadKilled(BaseException):
     """Not an Exception: nothing in a step handler catches it, as with a bug outside the step."""
 
 
-def _install(kind: str, at: int) -> None:
+def _install(scheduler, kind: str, at: int) -> None:
     import torch
-
-    from ptserve.engine import scheduler
 
     real = scheduler.Engine._decode_step
     errors = {
@@ -37,6 +37,29 @@ def _install(kind: str, at: int) -> None:
     scheduler.Engine._decode_step = decode_step
 
 
+class _PatchOnImport:
+    """Patches the scheduler when the server imports it: importing it here, before the script's folder is
+    on sys.path, could load another checkout's ptserve."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _TARGET:
+            return None
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if finder is not self and hasattr(finder, "find_spec") else None
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = spec.loader.exec_module
+        kind, _, at = _SPEC.partition(":")
+
+        def patched(module):
+            exec_module(module)
+            _install(module, kind, int(at))
+
+        spec.loader.exec_module = patched
+        return spec
+
+
 if _SPEC:
-    _kind, _, _at = _SPEC.partition(":")
-    _install(_kind, int(_at))
+    sys.meta_path.insert(0, _PatchOnImport())
