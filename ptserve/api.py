@@ -43,7 +43,7 @@ from ptserve.config import Config
 from ptserve.errors import APIError, envelope, error_body
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
 from ptserve.frontend import Frontend, Job, Prepared
-from ptserve.link import WorkerLink
+from ptserve.link import WorkerLink, exit_with_parent
 from ptserve.logs import configure_logging, request_id_var
 from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
 from ptserve.worker import RETRY_AFTER_S, Shared, Worker
@@ -266,6 +266,7 @@ class ChatAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         configure_logging()
+        exit_with_parent()
         self.worker = Worker(self.config, device, self.shared, self.config.server.workers_per_device)
 
     async def decode_request(self, request, **kwargs):

@@ -9,6 +9,7 @@ stall every stream in the process, so they happen here and the handlers read pla
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how fresh the view is (workers publish every 50 ms)
+PARENT_POLL_S = 1.0  # how often a process checks that the server's main process still exists
 
 
 class WorkerLink:
@@ -40,6 +42,8 @@ class WorkerLink:
         if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
+            if self._thread is None:
+                exit_with_parent()  # first call in this (forked) process
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="ptserve-worker-link", daemon=True)
                 self._thread.start()
@@ -85,3 +89,18 @@ class WorkerLink:
             return
         self.any_ready = any(v == self._ready_value for v in states)
         self.state = self.READY if states and all(v == self._ready_value for v in states) else self.LOADING
+
+
+def exit_with_parent() -> None:
+    """End this process (an inference worker, or the HTTP server LitServe forks) when the server's main
+    process is gone (killed -9, out-of-memory killed): an orphaned worker would keep the model and the
+    GPU's memory forever, and an orphaned HTTP process would answer /health 200 for a server that is dead."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        logger.critical("the server's main process %d is gone; process %d exits", parent, os.getpid())
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ptserve-parent-watch", daemon=True).start()

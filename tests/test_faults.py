@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -325,4 +327,46 @@ def test_a_client_that_leaves_before_the_first_byte_frees_its_sequence(tiny_mode
         assert wait_gauge(srv, "ptserve_running_sequences", 0, limit_s=15) == 0
         assert gauge(srv, "ptserve_queued_sequences") == 0
     finally:
+        srv.stop()
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ProcessLookupError):
+                pass
+    return found
+
+
+@pytest.mark.server
+def test_a_killed_main_process_takes_its_workers_and_http_server_with_it(tiny_model_dir, tmp_path):
+    """kill -9 of the main process (the out-of-memory killer's way): the inference worker (which holds the
+    model and, on a GPU, its memory) and the HTTP process exit too, instead of living on as orphans."""
+    srv = start(tiny_model_dir, tmp_path, None)
+    sid = srv.proc.pid
+    try:
+        workers = [p for p, cmd in session_processes(sid).items() if "spawn_main" in cmd]
+        assert workers
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            left = [p for p in workers if p in session_processes(sid)]
+            try:
+                httpx.get(srv.base_url + "/health", timeout=1)
+                serving = True
+            except httpx.HTTPError:
+                serving = False
+            if not left and not serving:
+                break
+            time.sleep(0.2)
+        assert (left, serving) == ([], False)
+    finally:
+        for pid in session_processes(sid):  # whatever is left (LitServe's manager process)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         srv.stop()
