@@ -1,10 +1,11 @@
-# ptserve on a CUDA PyTorch base.
+# ptserve on Python 3.11 with PyPI's CUDA build of the tested torch (2.13.0, pinned in docker/constraints.txt).
+# The NVIDIA container toolkit (--gpus all) brings the driver; the CUDA libraries come with torch's wheels.
 # Build:  docker build -t ptserve .
 # Run:    docker run --gpus all -p 8000:8000 -v hf-cache:/cache -e HF_TOKEN ptserve
 # Config: a volume at /config holds config.yaml (-v $PWD/my-config:/config), or set PTSERVE_<SECTION>_<KEY>
 #         variables (-e PTSERVE_QUANTIZATION_MODE=4bit). Model downloads go to the /cache volume.
 # Checked with hadolint in `make test`; tests/test_deploy.py runs this file's CMD and HEALTHCHECK.
-ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -19,7 +20,7 @@ RUN useradd --create-home --uid 1000 ptserve \
     && chown 1000:1000 /app /cache /config
 WORKDIR /app
 
-# Dependencies first, pinned (the base image's torch satisfies torch>=2.4 and is kept), then the code.
+# Dependencies first, pinned (torch included: the version the tests ran), then the code.
 COPY --chown=1000:1000 pyproject.toml README.md ./
 COPY --chown=1000:1000 docker/constraints.txt ./docker/constraints.txt
 COPY --chown=1000:1000 ptserve ./ptserve

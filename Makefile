@@ -37,7 +37,7 @@ demo: install
 	test -f $(DEMO_DIR)/config.json || $(PY) -m ptserve.tinymodel $(DEMO_DIR) --hidden 256 --layers 4 --heads 8 --intermediate 704
 	$(PY) server.py --config config.yaml --model $(DEMO_DIR) --port $(PORT)
 
-# Serving benchmark against `transformers serve --continuous-batching` on a 26M random-weight Phi-3.
+# Serving benchmark against `transformers serve --continuous-batching` on a random-weight Phi-3 (hidden 512, 8 layers, Phi-3.5's tokenizer: 58.5M parameters).
 bench: install
 	$(PY) bench/serve.py --out bench/out/results.json
 

@@ -3,9 +3,9 @@
     python bench/grammar.py [--rows 16] [--steps 64] [--libraries] [--out FILE]
 
 1. Engine: the batching engine on a random-weight Phi-3 (hidden 512, 8 layers) with Phi-3.5's own
-   tokenizer (the cost of a grammar mask grows with the vocabulary; Phi-3.5's has 32,064 tokens), 16
-   requests at once, unconstrained and then each with a JSON-schema grammar (llguidance, as the server
-   runs it). Reports the decode step time of both and the difference per step and per token.
+   tokenizer (the cost of a grammar mask grows with the vocabulary; Phi-3.5's has 32,011 tokens and
+   32,064 embedding rows), 16 requests at once, unconstrained and then each with a JSON-schema grammar
+   (llguidance, as the server runs it). Reports the decode step time of both and the difference per step and per token.
 2. With --libraries: the mask cost alone for llguidance, xgrammar and outlines-core (whichever are
    installed) on the same vocabulary and schema: 16 matchers, a token drawn among the allowed ones,
    per step. This is the measurement that chose llguidance (ptserve/engine/grammar.py).
@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import emit  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 SHAPE = dict(hidden=512, layers=8, heads=8, intermediate=1408)
 SCHEMA = {
@@ -241,10 +243,7 @@ def main(argv=None) -> int:
     }
     if args.libraries:
         report["libraries"] = bench_libraries(model_dir, args.rows, args.steps * 3)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import statistics
 import sys
@@ -25,7 +24,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OUT = ROOT / "bench" / "out"
+from bench.common import TINY_MODEL, emit, tiny_server  # noqa: E402
+
 STREAMS = 8
 
 
@@ -86,36 +86,20 @@ async def run(base_url: str, chars: int, count: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=OUT / "soak-model")
+    parser.add_argument("--model", type=Path, default=TINY_MODEL)
     parser.add_argument("--chars", type=int, default=100_000)
     parser.add_argument("--long", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from tests.conftest import RunningServer
-
-    OUT.mkdir(parents=True, exist_ok=True)
-    if not (args.model / "config.json").exists():
-        from ptserve.tinymodel import build
-
-        build(args.model)
-    config = OUT / "stall-config.yaml"
-    config.write_text(f"model:\n  id: {args.model}\n  max_context_length: 4096\n")
-    server = RunningServer(["--config", str(config)], log_path=OUT / "stall-server.log")
-    try:
-        server.wait_ready()
+    with tiny_server("stall", args.model) as server:
         result = asyncio.run(run(server.base_url, args.chars, args.long))
-    finally:
-        server.stop()
     report = {
         "machine": f"{platform.processor() or platform.machine()}",
         "streams": STREAMS,
         "chars": args.chars,
         **result,
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -1,10 +1,11 @@
 """Serving benchmark: ptserve side by side with a peer server, same model, same requests, same run.
 
-    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N] [--shape bench26m|phi35]
+    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N] [--shape bench512|phi35]
                           [--quantization none,4bit,8bit] [--peer transformers|vllm|all|none] [--out FILE]
 
 Builds (once) a random-weight Phi-3 in bench/out/: by default hidden 512, 8 layers, 8 heads,
-intermediate 1408 (26M parameters); with --shape phi35 Phi-3.5-mini-instruct's exact shape (3.8B,
+intermediate 1408 with Phi-3.5's tokenizer (58.5M parameters: 25.7M in the layers, 32.8M in the 32,064-row
+embedding and lm_head); with --shape phi35 Phi-3.5-mini-instruct's exact shape (3.8B,
 built on the GPU when there is one). EOS and stray bytes never win greedy decoding there (see
 build_model). It starts each server on loopback (ptserve once per --quantization mode), drives N
 concurrent streaming requests
@@ -39,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "bench" / "out"
 SHAPES = {
-    # The CPU benchmark's model: 26M parameters.
-    "bench26m": dict(hidden=512, layers=8, heads=8, intermediate=1408),
+    # The CPU benchmark's model: 58.5M parameters (25.7M in the layers).
+    "bench512": dict(hidden=512, layers=8, heads=8, intermediate=1408),
     # Phi-3.5-mini-instruct's exact shape (3.8B parameters, 7.64 GB in bf16): speed does not depend on
     # the weights' values. Its real config: 131072 positions, LongRoPE from 4096.
     "phi35": dict(hidden=3072, layers=32, heads=32, intermediate=8192),
@@ -48,9 +49,10 @@ SHAPES = {
 SYSTEM = "Você é um assistente virtual prestativo."
 
 
-def build_model(path: Path, shape: str = "bench26m") -> Path:
-    """The 26M model, with the lm_head rows of the special and the 256 byte-fallback tokens zeroed: their
-    logit is then 0 while the largest of the ~250 random others is positive, so greedy decoding
+def build_model(path: Path, shape: str = "bench512") -> Path:
+    """The bench model, with the lm_head rows of the special and the 256 byte-fallback tokens (and the 53
+    padded ids past Phi-3.5's 32,011 tokens) zeroed: their logit is then 0 while the largest of the ~31,700
+    random others is positive, so greedy decoding
     - never stops early: every request of either server generates exactly max_tokens (what vLLM's
       benchmarks get from ignore_eos), and
     - never emits stray bytes that are not UTF-8, as a trained model would not: random ones make
@@ -280,7 +282,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, help="prompts of exactly this many tokens (default: short ones)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench26m", help="phi35: Phi-3.5-mini's shape")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench512", help="phi35: Phi-3.5-mini's shape")
     parser.add_argument(
         "--quantization", default="none", help="ptserve's modes to run, comma-separated: none, 4bit, 8bit"
     )
@@ -296,12 +298,12 @@ def main() -> None:
         default="auto,float32",
         help="transformers serve --dtype values to run: auto (the issue's command) and ptserve's CPU dtype",
     )
-    parser.add_argument("--model-dir", type=Path, help="default: bench/out/phi3-26m or bench/out/phi3.5-shape")
+    parser.add_argument("--model-dir", type=Path, help="default: bench/out/phi3-bench512 or bench/out/phi3.5-shape")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.levels.split(",")]
-    default_dir = {"bench26m": "phi3-26m", "phi35": "phi3.5-shape"}[args.shape]
+    default_dir = {"bench512": "phi3-bench512", "phi35": "phi3.5-shape"}[args.shape]
     model_dir = build_model(args.model_dir or OUT / default_dir, args.shape)
     from transformers import AutoTokenizer
 

@@ -27,7 +27,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-OUT = ROOT / "bench" / "out"
+from bench.common import TINY_MODEL, emit, tiny_server  # noqa: E402
+
 WARMUP = 100
 
 PERSON = {
@@ -101,27 +102,30 @@ async def drive(base_url: str, start: int, count: int, concurrency: int) -> dict
 
 
 def processes(root_pid: int) -> dict[int, str]:
-    """The server's processes: its session (tests and this script start it with start_new_session)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
+    """The server's processes (its session: this script starts it with start_new_session), named: LitServe
+    forks its manager and then the HTTP server from the main process, and spawns the inference worker."""
+    found, forked = {}, []
+    for entry in sorted(Path("/proc").iterdir(), key=lambda e: int(e.name) if e.name.isdigit() else -1):
         if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
-            if os.getsid(int(entry.name)) != root_pid:
+            if os.getsid(pid) != root_pid:
                 continue
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ProcessLookupError):
             continue
-        found[int(entry.name)] = _role(cmd)
+        if pid == root_pid:
+            found[pid] = "main"
+        elif "resource_tracker" in cmd:
+            found[pid] = "resource tracker"
+        elif "spawn_main" in cmd:
+            found[pid] = "inference worker"
+        else:
+            forked.append(pid)
+    for pid, role in zip(forked, ("manager", "http"), strict=False):
+        found[pid] = role
     return found
-
-
-def _role(cmd: str) -> str:
-    if "server.py" in cmd:
-        return "main"
-    if "spawn_main" in cmd or "multiprocessing" in cmd:
-        return "spawned (worker or manager)"
-    return cmd[:60]
 
 
 def rss_mb(pid: int) -> float:
@@ -132,27 +136,17 @@ def rss_mb(pid: int) -> float:
 
 
 def snapshot(root_pid: int) -> dict[str, float]:
-    return {f"{pid} {role}": round(rss_mb(pid), 1) for pid, role in sorted(processes(root_pid).items())}
+    return {role: round(rss_mb(pid), 1) for pid, role in sorted(processes(root_pid).items())}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--model", type=Path, default=OUT / "soak-model")
+    parser.add_argument("--model", type=Path, default=TINY_MODEL)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from ptserve.tinymodel import build
-    from tests.conftest import RunningServer
-
-    OUT.mkdir(parents=True, exist_ok=True)
-    if not (args.model / "config.json").exists():
-        build(args.model)
-    config = OUT / "soak-config.yaml"
-    config.write_text(f"model:\n  id: {args.model}\n  max_context_length: 4096\n")
-    server = RunningServer(["--config", str(config)], log_path=OUT / "soak-server.log")
-    try:
-        server.wait_ready()
+    with tiny_server("soak", args.model) as server:
         base = server.base_url
         asyncio.run(drive(base, 0, WARMUP, args.concurrency))
         rows = [{"after": WARMUP, "rss_mb": snapshot(server.proc.pid)}]
@@ -176,8 +170,6 @@ def main(argv=None) -> int:
             rows[-1]["growth_pct"] = round(100 * (total - before) / before, 2)
             print(json.dumps(rows[-1]), flush=True)
         rows[0]["total_mb"] = round(sum(rows[0]["rss_mb"].values()), 1)
-    finally:
-        server.stop()
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "requests": WARMUP + 3 * (args.requests // 3),
@@ -185,10 +177,7 @@ def main(argv=None) -> int:
         "outcomes": outcomes,
         "rows": rows,
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -2,7 +2,9 @@
 
     .venv/bin/python docker/pin.py > docker/constraints.txt
 
-torch (and what only torch needs) is left out: the CUDA base image brings it.
+torch is pinned at the tested version without its local tag (the tests ran "2.13.0+cpu"; the image
+installs PyPI's "2.13.0", the CUDA build); the CUDA libraries it needs (nvidia-*, triton) are left to
+torch's own exact requirements.
 """
 
 import re
@@ -14,10 +16,11 @@ import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP = {"torch", "triton"}
+SKIP = {"triton"}
 HEADER = """\
-# Runtime dependencies of ptserve pinned at the versions its tests ran with (torch and its own
-# dependencies come from the CUDA base image). The Dockerfile installs with: pip install -c docker/constraints.txt .
+# Runtime dependencies of ptserve pinned at the versions its tests ran with, torch included (PyPI's CUDA
+# build of the tested version; its nvidia-* libraries follow torch's own pins).
+# The Dockerfile installs with: pip install -c docker/constraints.txt .
 # Regenerate after changing pyproject.toml's dependencies: python docker/pin.py > docker/constraints.txt"""
 
 
@@ -36,7 +39,7 @@ def closure(roots: list[str]) -> dict[str, str]:
             dist = distribution(name)
         except PackageNotFoundError:
             continue
-        pinned[key(name)] = dist.version
+        pinned[key(name)] = dist.version.split("+")[0]  # 2.13.0+cpu -> 2.13.0
         for text in dist.requires or []:
             req = Requirement(text)
             if req.marker is None or req.marker.evaluate({"extra": ""}):

@@ -43,6 +43,19 @@ def test_dockerfile_is_hadolint_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_image_installs_the_tested_torch():
+    """The image pins torch at the version these tests run on (PyPI's CUDA build of it), not a base
+    image's own."""
+    import torch
+
+    pins = dict(
+        line.split("==") for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    assert pins["torch"] == torch.__version__.split("+")[0]
+    assert instruction("ARG") == "BASE_IMAGE=python:3.11-slim-bookworm"  # no torch of its own
+    assert "pip install --no-cache-dir -c docker/constraints.txt ." in DOCKERFILE.read_text()
+
+
 def test_kubernetes_manifests_are_valid():
     import kubernetes_validate
 

@@ -112,15 +112,20 @@ def test_incremental_text_equals_full_decode(tokenizer):
     assert not any("\ufffd" in p for p in pieces)  # multi-byte characters are never split
 
 
-def test_text_stream_stop_string(tokenizer):
-    ids = tokenizer("abc STOP def", add_special_tokens=False)["input_ids"]
-    stream = TextStream(tokenizer, ["STOP"])
+@pytest.mark.parametrize(
+    ("text", "stop", "shown"),
+    [("abc STOP def", "STOP", "abc "), ("Olá mundo, FIMDEJOGO e depois", "DEJO", "Olá mundo, FIM")],
+    ids=["whole-word", "across-phi35-pieces"],
+)
+def test_text_stream_stop_string(tokenizer, text, stop, shown):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer, [stop])
     out = ""
     for i in ids:
         out += stream.add(i)
         if stream.stopped:
             break
-    assert (out, stream.stopped) == ("abc ", True)
+    assert (out, stream.stopped) == (shown, True)
 
 
 # -- engine -------------------------------------------------------------------------------------------
@@ -456,17 +461,6 @@ def test_utf8_across_byte_fallback_tokens(tokenizer):
     stream = TextStream(tokenizer, [])
     pieces = [stream.add(i) for i in ids] + [stream.finish()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
-
-
-def test_stop_string_across_tokens_with_phi35s_pieces(tokenizer):
-    ids = tokenizer("Olá mundo, FIMDEJOGO e depois", add_special_tokens=False)["input_ids"]
-    stream = TextStream(tokenizer, ["DEJO"])
-    out = ""
-    for i in ids:
-        out += stream.add(i)
-        if stream.stopped:
-            break
-    assert (out, stream.stopped) == ("Olá mundo, FIM", True)
 
 
 def test_top_k_1_is_greedy_and_seeds_repeat(engine, tokenizer):

@@ -35,7 +35,9 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls are native only with AVX512-BF16 or AMX; elsewhere PyTorch emulates them, and on
-    this project's 2-core AMD EPYC (AVX2) a batch-16 decode step took 108 ms in bf16 vs 57 ms in float32."""
+    the 2-core AMD EPYC (AVX2) used on 2026-11-26 a batch-16 decode step of the bench model took 108 ms in bf16
+    vs 57 ms in float32 (before weight packing; a run not kept in bench/results). On CPUs with AVX512-BF16 or
+    AMX (the Intel Xeon used on 2026-11-27) `auto` keeps bf16."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

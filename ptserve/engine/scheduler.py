@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ptserve.engine.grammar import GrammarBackend
+from ptserve.engine.hostmem import release_host_memory
 from ptserve.engine.kvcache import SlotKVCache, attention_mask
 from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, next_tokens
 
@@ -279,8 +280,9 @@ class Engine:
                     if self._rows:
                         self._guarded(self._decode_step, "decode")
                     self._retire()
-                if not (self._rows or self._group):
+                if not (self._rows or self._group) and self.cache.allocated_tokens():
                     self.cache.release()
+                    release_host_memory()
         except BaseException as exc:
             self._die(exc)
 
