@@ -241,7 +241,8 @@ def test_completion_echo_and_prompt_logprobs(server, tokenizer):
     with_completion = complete(server, prompt=prompt, max_tokens=3, echo=True, logprobs=1, ignore_eos=True)
     lp2 = with_completion["choices"][0]["logprobs"]
     assert len(lp2["tokens"]) == n_prompt + 3
-    assert lp2["token_logprobs"][1:n_prompt] == pytest.approx(lp["token_logprobs"][1:], abs=1e-4)
+    # The same prompt scored twice, alone each time: equal up to kernel choice (bf16 on some CPUs).
+    assert lp2["token_logprobs"][1:n_prompt] == pytest.approx(lp["token_logprobs"][1:], abs=1e-3)
 
 
 def validate_legacy_chunk(chunk: dict) -> None:
