@@ -40,12 +40,14 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ptserve import chatpage, streaming
 from ptserve.config import Config
+from ptserve.dialects import anthropic, tokens
 from ptserve.errors import APIError, envelope, error_body
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
 from ptserve.frontend import Frontend, Job, Prepared
 from ptserve.link import WorkerLink, exit_with_parent
 from ptserve.logs import configure_logging, request_id_var
 from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
+from ptserve.protocol import validate_request
 from ptserve.worker import RETRY_AFTER_S, Shared, Worker
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,22 @@ COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/health"
+MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # vLLM's
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID = 128  # longer or odd client ids are replaced by our own
 LOADING_RETRY_AFTER_S = 5
 ENGINE_FAILED_GRACE_S = 1.0  # a failed engine's server stays up this long (health 503, errors sent), then exits
 
 
-def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)
+def openai_error(status: int, error: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error, status_code=status, headers=headers)
+
+
+def error_response(exc: APIError, errors=openai_error) -> Response:
+    """`errors(status, OpenAI envelope, headers)` renders it in a dialect's shape."""
+    return errors(exc.status, error_body(exc), exc.headers)
 
 
 # -- HTTP process -----------------------------------------------------------------------------------
@@ -81,6 +91,10 @@ class ChatSpec(LitSpec):
         self.add_endpoint(MODELS_PATH, self.list_models, ["GET"])
         self.add_endpoint(MODELS_PATH + "/{model:path}", self.retrieve_model, ["GET"])
         self.add_endpoint(METRICS_PATH, self.metrics_page, ["GET"])
+        self.add_endpoint(MESSAGES_PATH, self.messages, ["POST"])
+        self.add_endpoint(COUNT_TOKENS_PATH, self.count_tokens, ["POST"])
+        self.add_endpoint(TOKENIZE_PATH, self.tokenize, ["POST"])
+        self.add_endpoint(DETOKENIZE_PATH, self.detokenize, ["POST"])
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -105,16 +119,29 @@ class ChatSpec(LitSpec):
         if not keys:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":  # Anthropic's SDK sends x-api-key
+            given = request.headers.get("x-api-key", "")
         given_bytes = given.strip().encode()
         # Compare with every key (no early exit), each in constant time.
         matches = [secrets.compare_digest(given_bytes, key.encode()) for key in keys]
-        if scheme.lower() != "bearer" or not any(matches):
+        if not any(matches):
             raise APIError(
-                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.", 401, code="invalid_api_key"
+                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
+                401,
+                code="invalid_api_key",
             )
 
     def _model_object(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "ptserve"}
+        # The context window under vLLM's name and LM Studio's: coding front-ends size prompts by it.
+        window = self.frontend.context_length
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "ptserve",
+            "max_model_len": window,
+            "context_length": window,
+        }
 
     async def list_models(self, request: Request) -> Response:
         try:
@@ -156,12 +183,46 @@ class ChatSpec(LitSpec):
         return JSONResponse(body, status_code=503)
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self._serve(request, self.frontend.prepare, chat=True)
+        return await self._serve(request, self.frontend.prepare, lambda p: self._format(p, chat=True))
 
     async def completions(self, request: Request) -> Response:
-        return await self._serve(request, self.frontend.prepare_completion, chat=False)
+        return await self._serve(request, self.frontend.prepare_completion, lambda p: self._format(p, chat=False))
 
-    async def _serve(self, request: Request, prepare, chat: bool) -> Response:
+    async def messages(self, request: Request) -> Response:
+        def prepare(body: Any) -> Prepared:
+            return self.frontend.prepare(anthropic.to_chat(body))
+
+        def fmt(prepared: Prepared) -> anthropic.MessagesFormat:
+            return anthropic.MessagesFormat(prepared.model, prepared.prompt_tokens, prepared.request.tool_mode())
+
+        return await self._serve(request, prepare, fmt, errors=anthropic.error_response)
+
+    async def count_tokens(self, request: Request) -> Response:
+        def count(body: Any) -> dict[str, Any]:
+            chat = validate_request(anthropic.to_chat(body, count_only=True))
+            return anthropic.count_tokens_body(self.frontend.chat_prompt_ids(chat))
+
+        return await self._answer(request, count, errors=anthropic.error_response)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._answer(request, lambda body: tokens.tokenize(self.frontend, body))
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._answer(request, lambda body: tokens.detokenize(self.frontend, body))
+
+    async def _answer(self, request: Request, compute, errors=openai_error) -> Response:
+        """An endpoint answered in the HTTP process (no engine): auth, body, `compute(body)` in a thread."""
+        try:
+            self._authorize(request)
+            raw = await read_body(request, self.config.server.max_body_bytes)
+            return JSONResponse(await asyncio.to_thread(lambda: compute(parse_json(raw))))
+        except APIError as exc:
+            logger.info("refused with %d: %s", exc.status, exc.message)
+            return error_response(exc, errors)
+
+    async def _serve(self, request: Request, prepare, make_format, errors=openai_error) -> Response:
+        """A generation: `prepare(body) -> Prepared`, `make_format(prepared)` renders the worker's messages
+        in the dialect's shapes, `errors` renders refusals in its error envelope."""
         start = time.monotonic()
         deadline = Deadline.after(self.config.server.request_timeout_s)
         self.link.start()
@@ -188,7 +249,7 @@ class ChatSpec(LitSpec):
             prepared = await asyncio.to_thread(lambda: prepare(parse_json(raw)))
         except APIError as exc:
             logger.info("refused with %d: %s", exc.status, exc.message)
-            return error_response(exc)
+            return error_response(exc, errors)
         prepared.job.request_id = request_id_var.get()
         prepared.clock = TokenClock(self.metrics, start)
         uid = uuid.uuid4().hex
@@ -201,7 +262,7 @@ class ChatSpec(LitSpec):
             self.response_buffer.pop(uid, None)
             status = first.get("status", 500)
             headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
-            return JSONResponse(first["error"], status_code=status, headers=headers)
+            return errors(status, first["error"], headers)
         self.metrics.prompt_tokens.inc(prepared.prompt_tokens)  # accepted: the engine will read them
 
         def release(finished: bool) -> None:
@@ -210,7 +271,7 @@ class ChatSpec(LitSpec):
             else:  # the client went away, the time ran out, or the worker failed: free the engine's slots
                 self._cancel(uid)
 
-        exchange = Exchange(messages, self._format(prepared, chat), prepared, deadline, release)
+        exchange = Exchange(messages, make_format(prepared), prepared, deadline, release)
         if prepared.request.stream:
             return ReleasingStreamingResponse(
                 exchange,
@@ -296,7 +357,18 @@ class RequestContext:
     else a new one) in the response headers and in every log line written while serving it; requests
     counted by endpoint and status, and their duration, for /metrics."""
 
-    ENDPOINTS = (CHAT_PATH, COMPLETIONS_PATH, MODELS_PATH, METRICS_PATH, "/health", "/")
+    ENDPOINTS = (
+        CHAT_PATH,
+        COMPLETIONS_PATH,
+        MODELS_PATH,
+        METRICS_PATH,
+        MESSAGES_PATH,
+        COUNT_TOKENS_PATH,
+        TOKENIZE_PATH,
+        DETOKENIZE_PATH,
+        HEALTH_PATH,
+        "/",
+    )
 
     def __init__(self, app, metrics: HttpMetrics):
         self.app = app
@@ -325,7 +397,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            if endpoint in (CHAT_PATH, COMPLETIONS_PATH):
+            if endpoint in (CHAT_PATH, COMPLETIONS_PATH, MESSAGES_PATH):
                 self.metrics.duration.labels(endpoint).observe(time.monotonic() - start)
             request_id_var.reset(token)
 

@@ -73,14 +73,14 @@ class Exchange:
                 try:
                     msg = await self._next()
                 except TimeoutError:
-                    yield streaming.sse(self.deadline.error())
+                    yield fmt.error_frame(self.deadline.error())
                     break
                 if msg is None:
-                    yield streaming.sse(envelope(500, "The inference worker ended the request early."))
+                    yield fmt.error_frame(envelope(500, "The inference worker ended the request early."))
                     break
                 if "error" in msg:
                     finished = True
-                    yield streaming.sse(msg["error"])
+                    yield fmt.error_frame(msg["error"])
                     break
                 choice = choices[msg["index"]]
                 prepared.clock.message(msg)
@@ -95,14 +95,15 @@ class Exchange:
                 for frame in frames:
                     yield frame
                 if msg["finish_reason"]:
-                    for frame in fmt.finish(msg["index"], msg["finish_reason"]):
+                    for frame in fmt.finish(msg["index"], msg["finish_reason"], stop_string=choice.stop_string):
                         yield frame
                     if all(c.finish_reason for c in choices.values()):
                         finished = True
                         if fmt.include_usage:
                             yield fmt.usage(prepared.prompt_tokens, sum(c.completion_tokens for c in choices.values()))
                         break
-            yield streaming.DONE
+            for frame in fmt.done():
+                yield frame
         finally:
             self.release(finished)
 
@@ -118,10 +119,10 @@ class Exchange:
             try:
                 result = collect.result()
             except TimeoutError:
-                return JSONResponse(self.deadline.error(), status_code=504)
+                return JSONResponse(*self.fmt.error_body(self.deadline.error(), 504))
             finished = True
             if isinstance(result, dict):  # an error from the worker
-                return JSONResponse(result["error"], status_code=result.get("status", 500))
+                return JSONResponse(*self.fmt.error_body(result["error"], result.get("status", 500)))
             return JSONResponse(self.fmt.body(result, self.prepared.prompt_tokens))
         finally:
             collect.cancel()

@@ -103,13 +103,18 @@ class Frontend:
                 code="prompt_too_long",
             )
 
+    def chat_prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
+        """The prompt a chat request becomes: the configured system prompt unless it brings one, its tools'
+        definitions, Phi-3.5's template and generation prompt."""
+        messages = render_messages(request.messages, self.config.system_prompt, tools_prompt(request))
+        return encode_prompt(self.tokenizer, messages)
+
     def prepare(self, body: Any) -> Prepared:
         """A chat completion request."""
         request = validate_request(body)
         model = self.response_model(request.model)
         check_token_ids(request.logit_bias, self.vocab_size)
-        messages = render_messages(request.messages, self.config.system_prompt, tools_prompt(request))
-        prompt_ids = encode_prompt(self.tokenizer, messages)
+        prompt_ids = self.chat_prompt_ids(request)
         self._limit_prompt(len(prompt_ids), "messages")
         max_tokens = resolve_max_tokens(
             len(prompt_ids), request.requested_max_tokens(), self.config.generation.max_tokens, self.context_length

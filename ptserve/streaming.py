@@ -48,8 +48,10 @@ class Choice:
     prompt_logprobs: list[dict[str, Any] | None] | None = None
     finish_reason: str | None = None
     completion_tokens: int = 0
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
     def add(self, msg: dict[str, Any]) -> None:
+        self.stop_string = msg.get("stop_string", self.stop_string)
         self.pieces.append(msg["text"])
         if "logprobs" in msg:
             self.logprobs = (self.logprobs or []) + msg["logprobs"]
@@ -87,8 +89,21 @@ def join_legacy(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {k: a[k] + b[k] for k in a}
 
 
+class OpenAIWire:
+    """How an OpenAI format ends a stream and carries errors (other dialects bring their own)."""
+
+    def error_frame(self, error: dict[str, Any]) -> str:
+        return sse(error)
+
+    def done(self) -> list[str]:
+        return [DONE]
+
+    def error_body(self, error: dict[str, Any], status: int) -> tuple[dict[str, Any], int]:
+        return error, status
+
+
 @dataclass
-class ChatFormat:
+class ChatFormat(OpenAIWire):
     """chat.completion and chat.completion.chunk. With tools (`tool_mode` other than "none") the text of
     each choice goes through a ToolCallParser: tool calls come out as `tool_calls` deltas and bodies, and
     the role is sent with a choice's first delta, once it is known whether that is content or a call."""
@@ -146,7 +161,7 @@ class ChatFormat:
             frames.append(self._chunk(self._choice(index, delta, logprobs=logprobs if k == 0 else None)))
         return frames
 
-    def finish(self, index: int, reason: str) -> list[str]:
+    def finish(self, index: int, reason: str, **_: Any) -> list[str]:
         frames: list[str] = []
         if self.tool_mode != "none":
             parser = self._parser(index)
@@ -206,7 +221,7 @@ def _event_delta(event: tuple) -> dict[str, Any]:
 
 
 @dataclass
-class TextFormat:
+class TextFormat(OpenAIWire):
     """text_completion (legacy /v1/completions); chunks have the same shape as the body.
 
     `prompts[i]` is the text of choice i's prompt: with `echo` it comes before the completion, and its
@@ -257,7 +272,7 @@ class TextFormat:
         lp = legacy_logprobs(records or [], offset)
         return lp if prompt_records is None else join_legacy(legacy_logprobs(prompt_records, 0), lp)
 
-    def finish(self, index: int, reason: str) -> list[str]:
+    def finish(self, index: int, reason: str, **_: Any) -> list[str]:
         return [self._chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": reason}])]
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> str:

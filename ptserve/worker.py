@@ -227,6 +227,8 @@ async def _text_messages(index: int, stream, text: TextStream, names: TokenNames
             "completion_tokens": produced,
             "finish_reason": finish,
         }
+        if text.stop_string is not None and finish:
+            message["stop_string"] = text.stop_string  # Anthropic's stop_sequence names it
         if stream.params.logprobs is not None:
             message["logprobs"] = records
         if first and stream.prompt_logprobs is not None:

@@ -35,7 +35,7 @@ def at(server, code: str) -> str:
 
 def test_curl_examples(readme_server):
     curls = [b for b in blocks("sh") if b.startswith("curl")]
-    assert len(curls) == 3
+    assert len(curls) == 5  # chat, chat streamed, legacy completions, Anthropic messages, tokenize
     plain = subprocess.run(["bash", "-c", at(readme_server, curls[0])], capture_output=True, text=True, check=True)
     body = json.loads(plain.stdout)
     validate(body, "CreateChatCompletionResponse")
@@ -51,12 +51,20 @@ def test_curl_examples(readme_server):
     validate(body, "CreateCompletionResponse")
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert all(len(c["logprobs"]["tokens"]) >= 1 for c in body["choices"])
+    message = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[3])], **RUN).stdout)
+    assert (message["type"], message["content"][0]["type"]) == ("message", "text")
+    assert message["usage"]["output_tokens"] >= 1
+    counted = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[4])], **RUN).stdout)
+    assert counted["count"] == len(counted["tokens"]) > 0
 
 
-@pytest.mark.parametrize("which", range(3))
+RUN = {"capture_output": True, "text": True, "check": True}
+
+
+@pytest.mark.parametrize("which", range(4))
 def test_python_examples(readme_server, which):
     code = blocks("python")[which]
-    assert len(blocks("python")) == 3  # openai, LangChain, tools and structured output
+    assert len(blocks("python")) == 4  # openai, LangChain, tools and structured output, anthropic
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(at(readme_server, code), f"README-python-{which}", "exec"), {})

@@ -52,14 +52,16 @@ class StopMatcher:
     def __init__(self, stops: list[str]):
         self._stops = [s for s in stops if s]
         self._held = ""
+        self.matched: str | None = None  # the stop string that was hit (the earliest in the text)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit)."""
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for i, s in ((buf.find(s), s) for s in self._stops) if i >= 0]
         if hits:
             self._held = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits)
+            return buf[:at], True
         keep = self._longest_partial(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
@@ -85,6 +87,11 @@ class TextStream:
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stops = StopMatcher(stops or [])
         self.stopped = False
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the text, if one did."""
+        return self._stops.matched if self.stopped else None
 
     def add(self, token_id: int) -> str:
         text, self.stopped = self._stops.feed(self._detok.add(token_id))
