@@ -40,7 +40,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ptserve import chatpage, streaming
 from ptserve.config import Config
-from ptserve.dialects import anthropic, tokens
+from ptserve.dialects import anthropic, responses, tokens
 from ptserve.errors import APIError, envelope, error_body
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
 from ptserve.frontend import Frontend, Job, Prepared
@@ -57,6 +57,7 @@ COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
 HEALTH_PATH = "/health"
+RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (stateless)
 MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # vLLM's
@@ -91,6 +92,7 @@ class ChatSpec(LitSpec):
         self.add_endpoint(MODELS_PATH, self.list_models, ["GET"])
         self.add_endpoint(MODELS_PATH + "/{model:path}", self.retrieve_model, ["GET"])
         self.add_endpoint(METRICS_PATH, self.metrics_page, ["GET"])
+        self.add_endpoint(RESPONSES_PATH, self.responses, ["POST"])
         self.add_endpoint(MESSAGES_PATH, self.messages, ["POST"])
         self.add_endpoint(COUNT_TOKENS_PATH, self.count_tokens, ["POST"])
         self.add_endpoint(TOKENIZE_PATH, self.tokenize, ["POST"])
@@ -187,6 +189,20 @@ class ChatSpec(LitSpec):
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, self.frontend.prepare_completion, lambda p: self._format(p, chat=False))
+
+    async def responses(self, request: Request) -> Response:
+        given: dict[str, Any] = {}
+
+        def prepare(body: Any) -> Prepared:
+            given["body"] = body  # the response echoes the request's settings
+            return self.frontend.prepare(responses.to_chat(body))
+
+        def fmt(prepared: Prepared) -> responses.ResponsesFormat:
+            return responses.ResponsesFormat(
+                prepared.model, prepared.prompt_tokens, given["body"], prepared.request.tool_mode()
+            )
+
+        return await self._serve(request, prepare, fmt)
 
     async def messages(self, request: Request) -> Response:
         def prepare(body: Any) -> Prepared:
@@ -362,6 +378,7 @@ class RequestContext:
         COMPLETIONS_PATH,
         MODELS_PATH,
         METRICS_PATH,
+        RESPONSES_PATH,
         MESSAGES_PATH,
         COUNT_TOKENS_PATH,
         TOKENIZE_PATH,
@@ -397,7 +414,7 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            if endpoint in (CHAT_PATH, COMPLETIONS_PATH, MESSAGES_PATH):
+            if endpoint in (CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH, MESSAGES_PATH):
                 self.metrics.duration.labels(endpoint).observe(time.monotonic() - start)
             request_id_var.reset(token)
 

@@ -207,6 +207,14 @@ class ChatFormat(OpenAIWire):
         }
 
 
+class ChatChunks(ChatFormat):
+    """Chat chunks as dicts, for the dialects that translate them (Anthropic's, Responses): the tool-call
+    parsing and OpenAI's delta rules stay in one place."""
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:  # type: ignore[override]
+        return {"choices": choices, **extra}
+
+
 def _event_delta(event: tuple) -> dict[str, Any]:
     """A ToolCallParser event -> a chat delta. `id`, `type` and `name` only on a call's first delta."""
     if event[0] == "content":

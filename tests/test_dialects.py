@@ -9,6 +9,7 @@ import json
 import anthropic
 import httpx
 import jsonschema
+import openai
 import pytest
 
 from tests.conftest import API_KEY, TEST_CONTEXT
@@ -189,3 +190,120 @@ def test_structured_output_through_output_config(claude):
     )
     assert reply.stop_reason == "end_turn"
     jsonschema.validate(json.loads(reply.content[0].text), person)
+
+
+# -- OpenAI's Responses API ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0) as sdk:
+        yield sdk
+
+
+RESPONSE_TOOL = {"type": "function", "name": "get_weather", "description": "Weather forecast", "parameters": WEATHER}
+
+
+def test_responses_create_equals_the_chat_route(server, client):
+    chat = openai_chat(server, max_tokens=8)
+    reply = client.responses.create(model="m", input=USER[0]["content"], max_output_tokens=8, temperature=0)
+    body = reply.model_dump(mode="json", exclude_none=False)
+    validate(httpx_response(server, input=USER[0]["content"], max_output_tokens=8, temperature=0), "Response")
+    assert reply.output_text == chat["choices"][0]["message"]["content"]
+    assert (reply.status, body["incomplete_details"]) == ("incomplete", {"reason": "max_output_tokens"})
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (chat["usage"]["prompt_tokens"], 8)
+    done = client.responses.create(model="m", input=USER, instructions="Seja breve.", max_output_tokens=8)
+    assert done.instructions == "Seja breve." and done.usage.input_tokens != reply.usage.input_tokens
+
+
+def httpx_response(server, **fields) -> dict:
+    r = httpx.post(server.base_url + "/v1/responses", json={"model": "m", **fields}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_responses_stream_events(server, client):
+    whole = client.responses.create(model="m", input="Olá", max_output_tokens=10, temperature=0)
+    body = {"model": "m", "input": "Olá", "max_output_tokens": 10, "temperature": 0, "stream": True}
+    r = httpx.post(server.base_url + "/v1/responses", json=body, headers=AUTH, timeout=60)
+    events = sse_events(r.text)
+    for kind, data in events:
+        assert kind == data["type"]
+        validate(data, "ResponseStreamEvent")
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    kinds = [kind for kind, _ in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
+    text = "".join(d["delta"] for k, d in events if k == "response.output_text.delta")
+    assert text == whole.output_text == events[-1][1]["response"]["output"][0]["content"][0]["text"]
+    # The SDK's helper wants response.completed: an answer its grammar ends (a random model never stops).
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON}}
+    ended = client.responses.create(model="m", input="Olá", text=fmt, max_output_tokens=60, temperature=0)
+    with client.responses.stream(model="m", input="Olá", text=fmt, max_output_tokens=60, temperature=0) as stream:
+        final = stream.get_final_response()
+    assert (final.status, final.output_text) == ("completed", ended.output_text)
+
+
+def test_responses_tool_call_round_trip_and_structured_output(client):
+    call = client.responses.create(
+        model="m",
+        input="Tempo em Lisboa?",
+        tools=[RESPONSE_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=100,
+        temperature=0,
+    )
+    [item] = call.output
+    assert item.type == "function_call" and item.name == "get_weather" and call.status == "completed"
+    jsonschema.validate(json.loads(item.arguments), WEATHER)
+    with client.responses.stream(
+        model="m",
+        input="Tempo em Lisboa?",
+        tools=[RESPONSE_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=100,
+        temperature=0,
+    ) as stream:
+        streamed = stream.get_final_response()
+    assert [(i.name, i.arguments) for i in streamed.output] == [(item.name, item.arguments)]
+    history = [
+        {"role": "user", "content": "Tempo em Lisboa?"},
+        {"type": "function_call", "call_id": item.call_id, "name": item.name, "arguments": item.arguments},
+        {"type": "function_call_output", "call_id": item.call_id, "output": "18 °C, sol"},
+    ]
+    answer = client.responses.create(model="m", input=history, tools=[RESPONSE_TOOL], max_output_tokens=5)
+    assert answer.usage.input_tokens > call.usage.input_tokens
+    fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
+    person = client.responses.create(model="m", input="Invente uma pessoa.", text=fmt, max_output_tokens=60)
+    assert person.status == "completed"
+    jsonschema.validate(json.loads(person.output_text), PERSON)
+
+
+def test_responses_refuse_state_and_images_and_serve_on(client):
+    with pytest.raises(openai.BadRequestError, match="stores no responses") as err:
+        client.responses.create(model="m", input="Olá", previous_response_id="resp_123")
+    assert err.value.body["param"] == "previous_response_id"
+    image = {"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}
+    with pytest.raises(openai.BadRequestError, match="this model reads text only") as err:
+        client.responses.create(model="m", input=[image])
+    assert err.value.body["param"] == "input[0].content[0].type"
+    kept = client.responses.create(model="m", input="Olá", store=True, reasoning={"effort": "low"}, max_output_tokens=3)
+    assert kept.usage.output_tokens == 3
+
+
+def test_langchain_with_the_responses_api(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, model="m", use_responses_api=True, max_tokens=6)
+    reply = llm.invoke("Olá!")
+    assert reply.text and reply.usage_metadata["output_tokens"] == 6

@@ -61,10 +61,10 @@ def test_curl_examples(readme_server):
 RUN = {"capture_output": True, "text": True, "check": True}
 
 
-@pytest.mark.parametrize("which", range(4))
+@pytest.mark.parametrize("which", range(5))
 def test_python_examples(readme_server, which):
     code = blocks("python")[which]
-    assert len(blocks("python")) == 4  # openai, LangChain, tools and structured output, anthropic
+    assert len(blocks("python")) == 5  # openai, LangChain, tools and structured output, Responses, anthropic
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(at(readme_server, code), f"README-python-{which}", "exec"), {})

@@ -28,7 +28,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ptserve.errors import invalid_request
-from ptserve.streaming import ChatFormat, Choice
+from ptserve.streaming import ChatChunks, Choice
 
 logger = logging.getLogger(__name__)
 
@@ -262,13 +262,6 @@ def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
     return {"type": "tool_use", "id": TOOL_ID_PREFIX + call["id"], "name": call["function"]["name"], "input": arguments}
 
 
-class _ChatChunks(ChatFormat):
-    """OpenAI's chat chunks as dicts, for translation (the tool-call parsing is theirs)."""
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:  # type: ignore[override]
-        return {"choices": choices, **extra}
-
-
 @dataclass
 class MessagesFormat:
     """The engine's output in the Messages API's shapes; what `exchange.Exchange` drives."""
@@ -283,7 +276,7 @@ class MessagesFormat:
     _finish: tuple[str | None, str | None] = ("end_turn", None)
 
     def __post_init__(self):
-        self._chat = _ChatChunks(self.model, 1, include_usage=True, tool_mode=self.tool_mode)
+        self._chat = ChatChunks(self.model, 1, include_usage=True, tool_mode=self.tool_mode)
 
     # streamed
     def start(self) -> list[str]:
