@@ -507,7 +507,7 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
     server.uvicorn_graceful_timeout = config.server.shutdown_timeout_s
     # The chat page replaces LitServe's "litserve running" at /.
     server.app.router.routes[:] = [r for r in server.app.router.routes if getattr(r, "path", None) != "/"]
-    page = chatpage.render(config)
+    page = chatpage.render(config, context_length=api.spec.frontend.context_length)
 
     async def chat_page(request: Request) -> HTMLResponse:
         return HTMLResponse(page)
