@@ -41,14 +41,15 @@ from starlette.middleware.cors import CORSMiddleware
 from ptserve import chatpage, streaming
 from ptserve.config import Config
 from ptserve.dialects import anthropic, responses, tokens
-from ptserve.errors import APIError, envelope, error_body
+from ptserve.errors import APIError, envelope, error_body, failure_error
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
-from ptserve.frontend import Frontend, Job, Prepared
+from ptserve.frontend import Frontend, Prepared
+from ptserve.job import Job, failure
 from ptserve.link import WorkerLink, exit_with_parent
 from ptserve.logs import configure_logging, request_id_var
 from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
 from ptserve.protocol import validate_request
-from ptserve.worker import RETRY_AFTER_S, Shared, Worker
+from ptserve.worker import Shared, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -273,12 +274,10 @@ class ChatSpec(LitSpec):
         try:
             first = await anext(messages)  # "accepted" or an error: decides the HTTP status
         except StopAsyncIteration:
-            first = {"error": envelope(500, "The inference worker ended the request without an answer.")}
-        if "error" in first:
+            first = failure("worker_error", "the worker ended the request without an answer")
+        if "failure" in first:
             self.response_buffer.pop(uid, None)
-            status = first.get("status", 500)
-            headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
-            return errors(status, first["error"], headers)
+            return error_response(failure_error(first), errors)
         self.metrics.prompt_tokens.inc(prepared.prompt_tokens)  # accepted: the engine will read them
 
         def release(finished: bool) -> None:
@@ -325,7 +324,7 @@ class ChatSpec(LitSpec):
         async for data, status in self.data_streamer(q, event, send_status=True):
             if status == LitAPIStatus.ERROR:
                 logger.error("inference worker error: %r", data)
-                yield {"error": envelope(500, "The inference worker failed on this request."), "status": 500}
+                yield failure("worker_error", repr(data))
                 return
             yield json.loads(data)
 

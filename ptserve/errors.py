@@ -44,3 +44,33 @@ def envelope(status: int, message: str, param: str | None = None, code: str | No
 
 def error_body(exc: APIError) -> dict[str, Any]:
     return envelope(exc.status, exc.message, exc.param, exc.code)
+
+
+RETRY_AFTER_S = 1  # what a 429 (the engine's queue is full) tells the client to wait
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away": never seen by that client
+# The inference worker's typed failures (ptserve.job.FAILURES) -> status, code, param, the sentence a client reads.
+_FAILURES = {
+    "cancelled": (CLIENT_CLOSED_REQUEST, None, None, "The request was cancelled."),
+    "queue_full": (429, "queue_full", None, "The server is busy: {detail}. Retry after {retry} s."),
+    "never_fits": (
+        400,
+        "kv_cache_exceeded",
+        "max_tokens",
+        "This request can never fit the server: {detail}. Lower max_tokens, n or the prompt.",
+    ),
+    "engine_failed": (
+        503,
+        "engine_failed",
+        None,
+        "The inference engine has failed ({detail}); the server is restarting. Retry shortly.",
+    ),
+    "generation_failed": (500, None, None, "Generation failed: {detail}"),
+    "worker_error": (500, None, None, "The inference worker failed on this request."),
+}
+
+
+def failure_error(message: dict[str, Any]) -> APIError:
+    """A worker's {"failure": kind, "detail": ...} as the error a client gets."""
+    status, code, param, text = _FAILURES[message["failure"]]
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return APIError(text.format(detail=message["detail"], retry=RETRY_AFTER_S), status, param, code, headers)

@@ -19,12 +19,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ptserve import streaming
-from ptserve.errors import APIError, envelope
+from ptserve.errors import CLIENT_CLOSED_REQUEST, APIError, envelope, error_body, failure_error
 from ptserve.frontend import Prepared
 
 logger = logging.getLogger(__name__)
-
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away": never seen by that client
 
 
 @dataclass(frozen=True)
@@ -78,9 +76,9 @@ class Exchange:
                 if msg is None:
                     yield fmt.error_frame(envelope(500, "The inference worker ended the request early."))
                     break
-                if "error" in msg:
+                if "failure" in msg:
                     finished = True
-                    yield fmt.error_frame(msg["error"])
+                    yield fmt.error_frame(error_body(failure_error(msg)))
                     break
                 choice = choices[msg["index"]]
                 prepared.clock.message(msg)
@@ -121,8 +119,9 @@ class Exchange:
             except TimeoutError:
                 return JSONResponse(*self.fmt.error_body(self.deadline.error(), 504))
             finished = True
-            if isinstance(result, dict):  # an error from the worker
-                return JSONResponse(*self.fmt.error_body(result["error"], result.get("status", 500)))
+            if isinstance(result, APIError):  # the worker's failure
+                body, status = self.fmt.error_body(error_body(result), result.status)
+                return JSONResponse(body, status_code=status, headers=result.headers)
             return JSONResponse(self.fmt.body(result, self.prepared.prompt_tokens))
         finally:
             collect.cancel()
@@ -130,14 +129,14 @@ class Exchange:
             self.release(finished)
 
     async def _collect(self):
-        """All choices of a non-streamed request, or the worker's error message."""
+        """All choices of a non-streamed request, or the APIError its failure is."""
         choices = [streaming.Choice(i) for i in range(self.prepared.job.choices)]
         while not all(c.finish_reason for c in choices):
             msg = await self._next()
             if msg is None:
-                return {"error": envelope(500, "The inference worker ended the request early."), "status": 500}
-            if "error" in msg:
-                return msg
+                return APIError("The inference worker ended the request early.", 500)
+            if "failure" in msg:
+                return failure_error(msg)
             self.prepared.clock.message(msg)
             choices[msg["index"]].add(msg)
         return choices

@@ -13,8 +13,8 @@ from typing import Any
 
 from ptserve.config import Config
 from ptserve.engine import loader
-from ptserve.engine.sampling import SamplingParams
 from ptserve.errors import APIError, invalid_request
+from ptserve.job import Job
 from ptserve.prompting import encode_prompt, render_messages, resolve_max_tokens
 from ptserve.protocol import (
     ChatCompletionRequest,
@@ -28,24 +28,6 @@ from ptserve.structured import build_grammar, check_grammar, tools_prompt
 logger = logging.getLogger(__name__)
 
 LEGACY_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-@dataclass
-class Job:
-    """What crosses to the inference worker: token ids and settings, nothing wire-shaped.
-
-    Every prompt gets `n` sequences; choice index = prompt number x n + sequence number."""
-
-    prompts: list[list[int]]
-    params: SamplingParams
-    stop: list[str]
-    ignore_eos: bool = False
-    n: int = 1
-    request_id: str = "-"  # for the worker's log lines
-
-    @property
-    def choices(self) -> int:
-        return len(self.prompts) * self.n
 
 
 @dataclass

@@ -1,8 +1,6 @@
 """The inference worker's side of a request, without LitServe: the model, the engine, and the messages
-sent back to the HTTP process for each request.
-
-Messages: first {"accepted": True} or {"error": envelope, "status": 429|400}; then, per engine read and
-choice, {"index", "text", "completion_tokens", "finish_reason", "logprobs"?, "prompt_logprobs"?}.
+sent back to the HTTP process for each request (token text and typed outcomes, `ptserve.job`: no HTTP
+statuses or wire envelopes here).
 
 Several workers (devices x workers_per_device) may serve one HTTP process, and LitServe's request
 queue hands a request to any of them. So cancellations and counters go through `Shared`, two
@@ -29,13 +27,11 @@ from ptserve.engine.detokenize import TextStream, TokenNames
 from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, EngineDead, EngineFull, NeverFits
-from ptserve.errors import envelope
-from ptserve.frontend import Job
+from ptserve.job import Job, failure
 from ptserve.logs import request_id_var
 
 logger = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 1
 SEED_SPACE = 2**64  # torch generators take 64-bit seeds
 POLL_S = 0.05  # how often a worker looks for cancellations and publishes its counters
 CANCEL_TTL_S = 60.0  # a cancellation no worker claimed (the request had ended) is dropped after this
@@ -89,21 +85,18 @@ class Worker:
         """The messages for one request (see the module docstring)."""
         request_id_var.set(job.request_id)
         if uid in self.cancelled:  # cancelled while it waited in the queue (the poll thread drops the entry)
-            yield {"error": envelope(499, "The request was cancelled."), "status": 499}
+            yield failure("cancelled", "cancelled before it started")
             return
         try:
             streams = self.engine.submit_many(self.sequences(job))
         except EngineDead as exc:
-            message = f"The inference engine has failed ({exc}); the server is restarting. Retry shortly."
-            yield {"error": envelope(503, message, code="engine_failed"), "status": 503}
+            yield failure("engine_failed", str(exc))
             return
         except EngineFull as exc:
-            message = f"The server is busy: {exc}. Retry after {RETRY_AFTER_S} s."
-            yield {"error": envelope(429, message, code="queue_full"), "status": 429}
+            yield failure("queue_full", str(exc))
             return
         except NeverFits as exc:
-            message = f"This request can never fit the server: {exc}. Lower max_tokens, n or the prompt."
-            yield {"error": envelope(400, message, param="max_tokens", code="kv_cache_exceeded"), "status": 400}
+            yield failure("never_fits", str(exc))
             return
         self.streams[uid] = streams
         yield {"accepted": True}
@@ -113,7 +106,7 @@ class Worker:
         try:
             async for message in _merge(choices):
                 yield message
-                if "error" in message:  # the request has failed: its other choices stop too (finally)
+                if "failure" in message:  # the request has failed: its other choices stop too (finally)
                     return
         finally:
             self.streams.pop(uid, None)
@@ -204,7 +197,7 @@ async def _text_messages(index: int, stream, text: TextStream, names: TokenNames
     first = True
     async for out in stream:
         if out.finish_reason == "error":
-            yield {"error": envelope(500, f"Generation failed: {stream.error}"), "status": 500}
+            yield failure("generation_failed", stream.error or "unknown error")
             return
         pieces, finish, records = [], None, []
         for k, token_id in enumerate(out.token_ids):

@@ -29,7 +29,8 @@ from ptserve.engine.detokenize import TokenNames
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, EngineDead, StepOutput
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse
-from ptserve.frontend import Job, Prepared
+from ptserve.frontend import Prepared
+from ptserve.job import Job
 from ptserve.protocol import ChatCompletionRequest, ChatMessage
 from ptserve.streaming import ChatFormat
 from ptserve.worker import Worker
@@ -204,7 +205,7 @@ def test_when_one_of_n_choices_fails_its_siblings_are_cancelled(tokenizer):
 
     messages = asyncio.run(asyncio.wait_for(scenario(), 10))
     assert messages[0] == {"accepted": True}
-    assert "error" in messages[-1] and messages[-1]["status"] == 500
+    assert messages[-1] == {"failure": "generation_failed", "detail": "OutOfMemoryError: injected"}
     assert [s.cancelled for s in worker.engine.streams] == [True, True, True]
     assert worker.streams == {}
 
