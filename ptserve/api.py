@@ -88,16 +88,23 @@ class ChatSpec(LitSpec):
         self.link = WorkerLink()  # replaced by _Server with one over the shared dicts
         self.metrics = HttpMetrics()
         self.created = int(time.time())
-        self.add_endpoint(CHAT_PATH, self.chat_completions, ["POST"])
-        self.add_endpoint(COMPLETIONS_PATH, self.completions, ["POST"])
-        self.add_endpoint(MODELS_PATH, self.list_models, ["GET"])
-        self.add_endpoint(MODELS_PATH + "/{model:path}", self.retrieve_model, ["GET"])
-        self.add_endpoint(METRICS_PATH, self.metrics_page, ["GET"])
-        self.add_endpoint(RESPONSES_PATH, self.responses, ["POST"])
-        self.add_endpoint(MESSAGES_PATH, self.messages, ["POST"])
-        self.add_endpoint(COUNT_TOKENS_PATH, self.count_tokens, ["POST"])
-        self.add_endpoint(TOKENIZE_PATH, self.tokenize, ["POST"])
-        self.add_endpoint(DETOKENIZE_PATH, self.detokenize, ["POST"])
+        for path, handler, methods in self.routes():
+            self.add_endpoint(path, handler, methods)
+
+    def routes(self) -> list[tuple[str, Any, list[str]]]:
+        """Every route, one line each: a new dialect adds its module and a line here."""
+        return [
+            (CHAT_PATH, self.chat_completions, ["POST"]),
+            (COMPLETIONS_PATH, self.completions, ["POST"]),
+            (MODELS_PATH, self.list_models, ["GET"]),
+            (MODELS_PATH + "/{model:path}", self.retrieve_model, ["GET"]),
+            (METRICS_PATH, self.metrics_page, ["GET"]),
+            (RESPONSES_PATH, self.responses, ["POST"]),
+            (MESSAGES_PATH, self.messages, ["POST"]),
+            (COUNT_TOKENS_PATH, self.count_tokens, ["POST"]),
+            (TOKENIZE_PATH, self.tokenize, ["POST"]),
+            (DETOKENIZE_PATH, self.detokenize, ["POST"]),
+        ]
 
     def __getstate__(self):
         state = super().__getstate__()
