@@ -40,7 +40,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from ptserve import chatpage, streaming
 from ptserve.config import Config
-from ptserve.dialects import anthropic, responses, tokens
+from ptserve.dialects import anthropic, ollama, responses, tokens
 from ptserve.errors import APIError, envelope, error_body, failure_error
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
 from ptserve.frontend import Frontend, Prepared
@@ -62,6 +62,9 @@ RESPONSES_PATH = "/v1/responses"  # OpenAI's Responses API (stateless)
 MESSAGES_PATH = "/v1/messages"  # Anthropic's Messages API
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 TOKENIZE_PATH, DETOKENIZE_PATH = "/tokenize", "/detokenize"  # vLLM's
+OLLAMA_CHAT_PATH, OLLAMA_GENERATE_PATH = "/api/chat", "/api/generate"  # Ollama's native API
+OLLAMA_VERSION_PATH, OLLAMA_TAGS_PATH = "/api/version", "/api/tags"
+OLLAMA_SHOW_PATH, OLLAMA_PS_PATH = "/api/show", "/api/ps"
 REQUEST_ID_HEADER = "x-request-id"
 MAX_REQUEST_ID = 128  # longer or odd client ids are replaced by our own
 LOADING_RETRY_AFTER_S = 5
@@ -104,6 +107,13 @@ class ChatSpec(LitSpec):
             (COUNT_TOKENS_PATH, self.count_tokens, ["POST"]),
             (TOKENIZE_PATH, self.tokenize, ["POST"]),
             (DETOKENIZE_PATH, self.detokenize, ["POST"]),
+            (OLLAMA_CHAT_PATH, self.ollama_chat, ["POST"]),
+            (OLLAMA_GENERATE_PATH, self.ollama_generate, ["POST"]),
+            (OLLAMA_VERSION_PATH, self.ollama_version, ["GET"]),
+            (OLLAMA_TAGS_PATH, self.ollama_tags, ["GET"]),
+            (OLLAMA_SHOW_PATH, self.ollama_show, ["POST"]),
+            (OLLAMA_PS_PATH, self.ollama_ps, ["GET"]),
+            *((path, self.ollama_unsupported, methods) for path, (methods, _) in ollama.UNSUPPORTED.items()),
         ]
 
     def __getstate__(self):
@@ -234,6 +244,65 @@ class ChatSpec(LitSpec):
     async def detokenize(self, request: Request) -> Response:
         return await self._answer(request, lambda body: tokens.detokenize(self.frontend, body))
 
+    # Ollama's native API (ptserve.dialects.ollama)
+    async def ollama_chat(self, request: Request) -> Response:
+        return await self._ollama_generation(request, ollama.CHAT)
+
+    async def ollama_generate(self, request: Request) -> Response:
+        return await self._ollama_generation(request, ollama.GENERATE)
+
+    async def _ollama_generation(self, request: Request, kind: str) -> Response:
+        """/api/chat and /api/generate. A request with nothing to generate (no messages, an empty prompt) only
+        asks Ollama to load the model: answered here, without the engine."""
+        try:
+            self._authorize(request)
+            raw = await read_body(request, self.config.server.max_body_bytes)
+            body = await asyncio.to_thread(parse_json, raw)
+            loaded = ollama.load_reply(body, kind, self.frontend)
+        except APIError as exc:
+            logger.info("refused with %d: %s", exc.status, exc.message)
+            return error_response(exc, ollama.error_response)
+        if loaded is not None:
+            return JSONResponse(loaded)
+
+        def prepare(given: Any) -> Prepared:
+            return ollama.prepare(self.frontend, given, kind)
+
+        def fmt(prepared: Prepared) -> ollama.OllamaFormat:
+            return ollama.OllamaFormat.of(prepared, kind, body.get("model"), self.frontend)
+
+        return await self._serve(ollama.replay(request, raw), prepare, fmt, errors=ollama.error_response)
+
+    async def ollama_version(self, request: Request) -> Response:
+        return JSONResponse(ollama.version())  # no key needed: clients probe it to recognize an Ollama server
+
+    async def ollama_tags(self, request: Request) -> Response:
+        return await self._ollama_model(request, lambda catalog: catalog.tags())
+
+    async def ollama_ps(self, request: Request) -> Response:
+        return await self._ollama_model(request, lambda catalog: catalog.ps())
+
+    async def ollama_show(self, request: Request) -> Response:
+        return await self._answer(
+            request, lambda body: ollama.catalog(self.frontend).show(body), errors=ollama.error_response
+        )
+
+    async def _ollama_model(self, request: Request, compute) -> Response:
+        try:
+            self._authorize(request)
+            return JSONResponse(await asyncio.to_thread(lambda: compute(ollama.catalog(self.frontend))))
+        except APIError as exc:
+            return error_response(exc, ollama.error_response)
+
+    async def ollama_unsupported(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            raw = await read_body(request, self.config.server.max_body_bytes)
+            return JSONResponse(ollama.unsupported(request.url.path, raw, self.frontend))
+        except APIError as exc:
+            logger.info("refused with %d: %s", exc.status, exc.message)
+            return error_response(exc, ollama.error_response)
+
     async def _answer(self, request: Request, compute, errors=openai_error) -> Response:
         """An endpoint answered in the HTTP process (no engine): auth, body, `compute(body)` in a thread."""
         try:
@@ -297,7 +366,7 @@ class ChatSpec(LitSpec):
         if prepared.request.stream:
             return ReleasingStreamingResponse(
                 exchange,
-                media_type="text/event-stream",
+                media_type=getattr(exchange.fmt, "media_type", "text/event-stream"),  # Ollama's: NDJSON
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return await exchange.complete(request)
@@ -389,6 +458,13 @@ class RequestContext:
         COUNT_TOKENS_PATH,
         TOKENIZE_PATH,
         DETOKENIZE_PATH,
+        OLLAMA_CHAT_PATH,
+        OLLAMA_GENERATE_PATH,
+        OLLAMA_VERSION_PATH,
+        OLLAMA_TAGS_PATH,
+        OLLAMA_SHOW_PATH,
+        OLLAMA_PS_PATH,
+        *ollama.UNSUPPORTED,
         HEALTH_PATH,
         "/",
     )
@@ -420,7 +496,14 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            if endpoint in (CHAT_PATH, COMPLETIONS_PATH, RESPONSES_PATH, MESSAGES_PATH):
+            if endpoint in (
+                CHAT_PATH,
+                COMPLETIONS_PATH,
+                RESPONSES_PATH,
+                MESSAGES_PATH,
+                OLLAMA_CHAT_PATH,
+                OLLAMA_GENERATE_PATH,
+            ):
                 self.metrics.duration.labels(endpoint).observe(time.monotonic() - start)
             request_id_var.reset(token)
 

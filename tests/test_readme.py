@@ -35,7 +35,7 @@ def at(server, code: str) -> str:
 
 def test_curl_examples(readme_server):
     curls = [b for b in blocks("sh") if b.startswith("curl")]
-    assert len(curls) == 5  # chat, chat streamed, legacy completions, Anthropic messages, tokenize
+    assert len(curls) == 6  # chat, chat streamed, legacy completions, Anthropic messages, tokenize, Ollama chat
     plain = subprocess.run(["bash", "-c", at(readme_server, curls[0])], capture_output=True, text=True, check=True)
     body = json.loads(plain.stdout)
     validate(body, "CreateChatCompletionResponse")
@@ -56,15 +56,17 @@ def test_curl_examples(readme_server):
     assert message["usage"]["output_tokens"] >= 1
     counted = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[4])], **RUN).stdout)
     assert counted["count"] == len(counted["tokens"]) > 0
+    chat = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[5])], **RUN).stdout)
+    assert (chat["done"], chat["message"]["role"]) == (True, "assistant") and chat["eval_count"] >= 1
 
 
 RUN = {"capture_output": True, "text": True, "check": True}
 
 
-@pytest.mark.parametrize("which", range(5))
+@pytest.mark.parametrize("which", range(6))
 def test_python_examples(readme_server, which):
     code = blocks("python")[which]
-    assert len(blocks("python")) == 5  # openai, LangChain, tools and structured output, Responses, anthropic
+    assert len(blocks("python")) == 6  # openai, LangChain, tools and structured output, Responses, anthropic, ollama
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(at(readme_server, code), f"README-python-{which}", "exec"), {})
