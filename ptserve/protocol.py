@@ -40,11 +40,15 @@ class ContentPart(_Wire):
 
 
 class FunctionCall(_Wire):
+    model_config = ConfigDict(extra="allow", strict=True)  # the SDKs' parsed_arguments and the like: ignored
     name: str
     arguments: str  # JSON, as the model wrote it
 
 
 class ToolCall(_Wire):
+    # Extra keys ignored: the openai SDK's stream helper leaves the delta `index` on the calls it
+    # accumulates, and clients send that message back as the conversation's next turn.
+    model_config = ConfigDict(extra="allow", strict=True)
     id: str
     type: Literal["function"]
     function: FunctionCall

@@ -127,7 +127,8 @@ def test_tool_history_renders_for_phi35():
             **GOOD,
             "messages": [
                 {"role": "user", "content": "Tempo em Lisboa e Porto?"},
-                {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
+                # `index`: the openai SDK's stream helper leaves it on the calls it hands back
+                {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2", "index": 1}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "20 C"},
                 {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "18 C"}]},
             ],
