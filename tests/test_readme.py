@@ -35,7 +35,7 @@ def at(server, code: str) -> str:
 
 def test_curl_examples(readme_server):
     curls = [b for b in blocks("sh") if b.startswith("curl")]
-    assert len(curls) == 6  # chat, chat streamed, legacy completions, Anthropic messages, tokenize, Ollama chat
+    assert len(curls) == 7  # chat, streamed, legacy completions, Responses, Anthropic messages, tokenize, Ollama
     plain = subprocess.run(["bash", "-c", at(readme_server, curls[0])], capture_output=True, text=True, check=True)
     body = json.loads(plain.stdout)
     validate(body, "CreateChatCompletionResponse")
@@ -51,12 +51,15 @@ def test_curl_examples(readme_server):
     validate(body, "CreateCompletionResponse")
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert all(len(c["logprobs"]["tokens"]) >= 1 for c in body["choices"])
-    message = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[3])], **RUN).stdout)
+    response = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[3])], **RUN).stdout)
+    validate(response, "Response")
+    assert response["output"][0]["type"] == "message" and response["usage"]["output_tokens"] >= 1
+    message = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[4])], **RUN).stdout)
     assert (message["type"], message["content"][0]["type"]) == ("message", "text")
     assert message["usage"]["output_tokens"] >= 1
-    counted = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[4])], **RUN).stdout)
+    counted = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[5])], **RUN).stdout)
     assert counted["count"] == len(counted["tokens"]) > 0
-    chat = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[5])], **RUN).stdout)
+    chat = json.loads(subprocess.run(["bash", "-c", at(readme_server, curls[6])], **RUN).stdout)
     assert (chat["done"], chat["message"]["role"]) == (True, "assistant") and chat["eval_count"] >= 1
 
 
