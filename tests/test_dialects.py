@@ -253,8 +253,8 @@ def test_responses_stream_events(server, client):
 
 
 def test_responses_tool_call_round_trip_and_structured_output(client):
-    call = client.responses.create(
-        model="m",
+    # One call, forced: a random model would otherwise call on and on (or never).
+    forced = dict(
         input="Tempo em Lisboa?",
         tools=[RESPONSE_TOOL],
         tool_choice="required",
@@ -262,18 +262,11 @@ def test_responses_tool_call_round_trip_and_structured_output(client):
         max_output_tokens=100,
         temperature=0,
     )
+    call = client.responses.create(model="m", **forced)
     [item] = call.output
     assert item.type == "function_call" and item.name == "get_weather" and call.status == "completed"
     jsonschema.validate(json.loads(item.arguments), WEATHER)
-    with client.responses.stream(
-        model="m",
-        input="Tempo em Lisboa?",
-        tools=[RESPONSE_TOOL],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=100,
-        temperature=0,
-    ) as stream:
+    with client.responses.stream(model="m", **forced) as stream:
         streamed = stream.get_final_response()
     assert [(i.name, i.arguments) for i in streamed.output] == [(item.name, item.arguments)]
     history = [
