@@ -551,3 +551,21 @@ def test_bad_settings_fail_one_request_not_the_batch(engine, tokenizer):
     (bad_finish, bad_error), (good_finish, good_error) = asyncio.run(scenario())
     assert bad_finish == "error" and "IndexError" in bad_error
     assert (good_finish, good_error) == ("length", None)
+
+
+def test_an_idle_engine_holds_no_kv_memory(loaded, tokenizer):
+    """Both caches (running rows and prefill) are freed once nothing runs; the prefill cache used to keep
+    the longest prompt it had seen for good."""
+    import time
+
+    engine = Engine(loaded.model, loaded.max_context_length, prefill_chunk=16).start()
+    try:
+        run_engine(engine, [(prompt_ids(tokenizer) * 3, SamplingParams(4, temperature=0.0))])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            engine.cache.allocated_tokens() or engine._prefill_cache.allocated_tokens()
+        ):
+            time.sleep(0.01)
+        assert (engine.cache.allocated_tokens(), engine._prefill_cache.allocated_tokens()) == (0, 0)
+    finally:
+        engine.shutdown()

@@ -280,8 +280,11 @@ class Engine:
                     if self._rows:
                         self._guarded(self._decode_step, "decode")
                     self._retire()
-                if not (self._rows or self._group) and self.cache.allocated_tokens():
+                if not (self._rows or self._group) and (
+                    self.cache.allocated_tokens() or self._prefill_cache.allocated_tokens()
+                ):
                     self.cache.release()
+                    self._prefill_cache.release()  # it held the longest prompt seen, for good
                     release_host_memory()
         except BaseException as exc:
             self._die(exc)
