@@ -45,7 +45,7 @@ from ptserve.errors import APIError, envelope, error_body, failure_error
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
 from ptserve.frontend import Frontend, Prepared
 from ptserve.job import Job, failure
-from ptserve.link import WorkerLink, exit_with_parent
+from ptserve.link import WorkerLink, dead_engines, exit_with_parent
 from ptserve.logs import configure_logging, request_id_var
 from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
 from ptserve.protocol import validate_request
@@ -277,38 +277,36 @@ class ChatSpec(LitSpec):
         return JSONResponse(ollama.version())  # no key needed: clients probe it to recognize an Ollama server
 
     async def ollama_tags(self, request: Request) -> Response:
-        return await self._ollama_model(request, lambda catalog: catalog.tags())
+        def tags(_: bytes) -> dict[str, Any]:
+            return ollama.catalog(self.frontend).tags()
+
+        return await self._answer(request, tags, errors=ollama.error_response, parse=None)
 
     async def ollama_ps(self, request: Request) -> Response:
-        return await self._ollama_model(request, lambda catalog: catalog.ps())
+        def ps(_: bytes) -> dict[str, Any]:
+            return ollama.catalog(self.frontend).ps()
+
+        return await self._answer(request, ps, errors=ollama.error_response, parse=None)
 
     async def ollama_show(self, request: Request) -> Response:
-        return await self._answer(
-            request, lambda body: ollama.catalog(self.frontend).show(body), errors=ollama.error_response
-        )
+        def show(body: Any) -> dict[str, Any]:
+            return ollama.catalog(self.frontend).show(body)
 
-    async def _ollama_model(self, request: Request, compute) -> Response:
-        try:
-            self._authorize(request)
-            return JSONResponse(await asyncio.to_thread(lambda: compute(ollama.catalog(self.frontend))))
-        except APIError as exc:
-            return error_response(exc, ollama.error_response)
+        return await self._answer(request, show, errors=ollama.error_response)
 
     async def ollama_unsupported(self, request: Request) -> Response:
-        try:
-            self._authorize(request)
-            raw = await read_body(request, self.config.server.max_body_bytes)
-            return JSONResponse(ollama.unsupported(request.url.path, raw, self.frontend))
-        except APIError as exc:
-            logger.info("refused with %d: %s", exc.status, exc.message)
-            return error_response(exc, ollama.error_response)
+        def answer(raw: bytes) -> dict[str, Any]:
+            return ollama.unsupported(request.url.path, raw, self.frontend)
 
-    async def _answer(self, request: Request, compute, errors=openai_error) -> Response:
-        """An endpoint answered in the HTTP process (no engine): auth, body, `compute(body)` in a thread."""
+        return await self._answer(request, answer, errors=ollama.error_response, parse=None)
+
+    async def _answer(self, request: Request, compute, errors=openai_error, parse=parse_json) -> Response:
+        """An endpoint answered in the HTTP process (no engine): auth, body, `compute(parse(body))` in a
+        thread (`parse` None: the raw bytes, empty for a GET)."""
         try:
             self._authorize(request)
             raw = await read_body(request, self.config.server.max_body_bytes)
-            return JSONResponse(await asyncio.to_thread(lambda: compute(parse_json(raw))))
+            return JSONResponse(await asyncio.to_thread(lambda: compute(parse(raw) if parse else raw)))
         except APIError as exc:
             logger.info("refused with %d: %s", exc.status, exc.message)
             return error_response(exc, errors)
@@ -552,7 +550,7 @@ class _Server(ls.LitServer):
             shared = self.shared
             while not self._shutdown_event.is_set():
                 try:
-                    dead = [f"{name}: {s['dead']}" for name, s in dict(shared.stats).items() if s.get("dead")]
+                    dead = dead_engines(dict(shared.stats))
                 except (OSError, EOFError, BrokenPipeError):  # the manager is gone: shutting down
                     return
                 if dead:

@@ -21,6 +21,11 @@ POLL_S = 0.1  # how fresh the view is (workers publish every 50 ms)
 PARENT_POLL_S = 1.0  # how often a process checks that the server's main process still exists
 
 
+def dead_engines(stats: dict[str, dict]) -> list[str]:
+    """ "worker: why" for each worker whose engine has stopped for good, from the workers' published counters."""
+    return [f"{name}: {s['dead']}" for name, s in sorted(stats.items()) if s.get("dead")]
+
+
 class WorkerLink:
     LOADING, READY, FAILED = "loading", "ready", "failed"
 
@@ -78,7 +83,7 @@ class WorkerLink:
         states = list(self.setup_status.values()) if self.setup_status is not None else []
         stats = dict(self.shared.stats) if self.shared is not None else {}
         self.stats = stats
-        dead = [f"{name}: {s['dead']}" for name, s in sorted(stats.items()) if s.get("dead")]
+        dead = dead_engines(stats)
         if dead or self._error_value in states:
             if self.state != self.FAILED:
                 logger.critical("inference worker failed: %s", "; ".join(dead) or "setup error")

@@ -1,7 +1,9 @@
 """Cut the schemas the tests validate against out of the official OpenAI spec, so a clone needs nothing
 outside the repository.
 
-    python tests/data/vendor_openai_spec.py ../shared/openai-openapi.json
+    python tests/data/vendor_openai_spec.py PATH/TO/openai-openapi.json
+
+(the official spec, from github.com/openai/openai-openapi; the tests never read it, only this file's output)
 
 writes tests/data/openai-openapi.subset.json: the named schemas below and every schema they reference,
 unchanged, with the spec's `info` and where it came from. Add a name here (and rerun) to validate a new body.
@@ -75,4 +77,6 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "../shared/openai-openapi.json")
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python {sys.argv[0]} PATH/TO/openai-openapi.json")
+    main(sys.argv[1])
