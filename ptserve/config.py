@@ -96,6 +96,7 @@ class ServerSettings(_Section):
     max_concurrent_sequences: int = Field(64, ge=1)
     max_queued_requests: int = Field(256, ge=1)
     kv_cache_gb: float | None = Field(None, gt=0)
+    prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before (system prompt, earlier turns)
 
     @field_validator("host")
     @classmethod
