@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo-model
 PORT ?= 8000
 
-.PHONY: install browser serve test demo bench bench-grammar lint format clean
+.PHONY: install browser serve test demo bench bench-multiturn bench-grammar lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ demo: install
 # Serving benchmark against `transformers serve --continuous-batching` on a random-weight Phi-3 (hidden 512, 8 layers, Phi-3.5's tokenizer: 58.5M parameters).
 bench: install
 	$(PY) bench/serve.py --out bench/out/results.json
+
+# Multi-turn chat (4 conversations x 8 turns at once, ~2.1k-token prompts by turn 8): TTFT per turn of ptserve
+# with and without its prefix cache, and of vLLM's CPU build with and without its own (/tmp/vllm-venv).
+bench-multiturn: install
+	$(PY) bench/multiturn.py --out bench/out/multiturn.json
 
 # What a JSON-schema grammar costs per token in a 16-request batch (32k vocabulary).
 bench-grammar: install

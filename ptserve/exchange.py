@@ -98,7 +98,9 @@ class Exchange:
                     if all(c.finish_reason for c in choices.values()):
                         finished = True
                         if fmt.include_usage:
-                            yield fmt.usage(prepared.prompt_tokens, sum(c.completion_tokens for c in choices.values()))
+                            done = choices.values()
+                            completion = sum(c.completion_tokens for c in done)
+                            yield fmt.usage(prepared.prompt_tokens, completion, streaming.cached_tokens(done))
                         break
             for frame in fmt.done():
                 yield frame

@@ -4,7 +4,8 @@ Two sources, one page:
 - the HTTP process counts what clients see: requests by endpoint and status, prompt and generated
   tokens, time to first token, inter-token latency and request duration (histograms);
 - each inference worker (another process; there may be several) publishes its engine's gauges in a
-  shared dict (`worker.Shared.stats`): running and queued sequences, KV cache budget and reservation.
+  shared dict (`worker.Shared.stats`): running and queued sequences, the KV pool's blocks (total, used,
+  cached), prefix cache queries and hits, preemptions.
   They are exported per worker (label `worker`) and the page is rendered on every scrape.
 """
 
@@ -14,7 +15,7 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STALE_AFTER_S = 10.0  # a worker that has not published for this long is reported down
@@ -27,8 +28,18 @@ WORKER_GAUGES = {
     "running": ("ptserve_running_sequences", "Sequences in the running batch (prefilling or decoding)."),
     "queued": ("ptserve_queued_sequences", "Sequences waiting for a slot in the batch."),
     "max_running": ("ptserve_max_running_sequences", "Width of the batch (server.max_concurrent_sequences)."),
-    "kv_budget_tokens": ("ptserve_kv_cache_budget_tokens", "Token positions the KV cache budget holds."),
-    "kv_reserved_tokens": ("ptserve_kv_cache_reserved_tokens", "Token positions reserved by running sequences."),
+    "kv_budget_tokens": ("ptserve_kv_cache_budget_tokens", "Token positions the KV pool holds."),
+    "kv_reserved_tokens": ("ptserve_kv_cache_reserved_tokens", "Token positions in blocks held by sequences."),
+    "kv_pool_bytes": ("ptserve_kv_cache_pool_bytes", "Bytes of the KV pool, allocated once at start."),
+    "kv_blocks_total": ("ptserve_kv_cache_blocks_total", "Blocks of the KV pool."),
+    "kv_blocks_used": ("ptserve_kv_cache_blocks_used", "Blocks held by running sequences."),
+    "kv_blocks_cached": ("ptserve_kv_cache_blocks_cached", "Blocks holding a cached prompt prefix (in use or not)."),
+}
+
+WORKER_COUNTERS = {
+    "prefix_cache_queries": ("ptserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    "prefix_cache_hits": ("ptserve_prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    "preemptions": ("ptserve_preemptions", "Sequences sent back to wait because the KV pool was full."),
 }
 
 
@@ -117,3 +128,9 @@ class _WorkerCollector:
                 if key in stats:
                     gauge.add_metric([name], float(stats[key]))
             yield gauge
+        for key, (metric, doc) in WORKER_COUNTERS.items():
+            counter = CounterMetricFamily(metric, doc, labels=["worker"])
+            for name, stats in sorted(workers.items()):
+                if key in stats:
+                    counter.add_metric([name], float(stats[key]))
+            yield counter

@@ -26,12 +26,18 @@ def completion_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache provided."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def cached_tokens(choices) -> int:
+    return sum(c.cached_tokens for c in choices)
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -48,6 +54,7 @@ class Choice:
     prompt_logprobs: list[dict[str, Any] | None] | None = None
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens of its prompt the prefix cache provided (first choice of a prompt)
     stop_string: str | None = None  # the stop string that ended it, if one did
 
     def add(self, msg: dict[str, Any]) -> None:
@@ -58,6 +65,7 @@ class Choice:
         if "prompt_logprobs" in msg:
             self.prompt_logprobs = msg["prompt_logprobs"]
         self.completion_tokens = msg["completion_tokens"]
+        self.cached_tokens = msg.get("cached_tokens", self.cached_tokens)
         self.finish_reason = msg["finish_reason"]
 
     @property
@@ -172,8 +180,8 @@ class ChatFormat(OpenAIWire):
             frames += self._frames(index, [{"content": ""}])
         return [*frames, self._chunk(self._choice(index, {}, reason))]
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
-        return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> str:
+        return self._chunk([], usage=usage(prompt_tokens, completion_tokens, cached))
 
     def _message(self, c: Choice) -> tuple[dict[str, Any], str | None]:
         if self.tool_mode == "none":
@@ -203,7 +211,7 @@ class ChatFormat(OpenAIWire):
             "created": self.created,
             "model": self.model,
             "choices": out,
-            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices)),
+            "usage": usage(prompt_tokens, sum(c.completion_tokens for c in choices), cached_tokens(choices)),
         }
 
 
@@ -283,8 +291,8 @@ class TextFormat(OpenAIWire):
     def finish(self, index: int, reason: str, **_: Any) -> list[str]:
         return [self._chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": reason}])]
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
-        return self._chunk([], usage=usage(prompt_tokens, completion_tokens))
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> str:
+        return self._chunk([], usage=usage(prompt_tokens, completion_tokens, cached))
 
     def body(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
         out = []
@@ -292,4 +300,5 @@ class TextFormat(OpenAIWire):
             prompt = self._prompt_of(c.index) if self.echo else ""
             lp = self._logprobs(c.logprobs, c.prompt_logprobs if self.echo else None, len(prompt))
             out.append({"text": prompt + c.text, "index": c.index, "logprobs": lp, "finish_reason": c.finish_reason})
-        return self._body(out, usage=usage(prompt_tokens, sum(c.completion_tokens for c in choices)))
+        completion = sum(c.completion_tokens for c in choices)
+        return self._body(out, usage=usage(prompt_tokens, completion, cached_tokens(choices)))

@@ -67,13 +67,16 @@ class Worker:
             kv_budget_bytes=budget,
             grammars=grammars,
             vocab_limit=len(loaded.tokenizer),
+            prefix_caching=server.prefix_caching,
         ).start()
         logger.info(
-            "engine %s: %d sequences at once, KV cache budget %d tokens (%.2f GB)",
+            "engine %s: %d sequences at once, KV pool of %d blocks x %d tokens (%.2f GB), prefix caching %s",
             self.name,
             server.max_concurrent_sequences,
-            self.engine.kv_budget_tokens,
-            self.engine.kv_budget_tokens * self.engine.bytes_per_token / 1e9,
+            self.engine.blocks.usable,
+            self.engine.block_size,
+            self.engine.pool.nbytes / 1e9,
+            "on" if server.prefix_caching else "off",
         )
         self.streams: dict[str, list] = {}
         self.cancelled: set[str] = set()  # the shared dict's keys as of the last poll (read on the event loop)
@@ -101,7 +104,8 @@ class Worker:
         self.streams[uid] = streams
         yield {"accepted": True}
         choices = [
-            _text_messages(i, s, TextStream(self.tokenizer, job.stop), self.names) for i, s in enumerate(streams)
+            _text_messages(i, s, TextStream(self.tokenizer, job.stop), self.names, cached=i % job.n == 0)
+            for i, s in enumerate(streams)
         ]
         try:
             async for message in _merge(choices):
@@ -132,6 +136,13 @@ class Worker:
             "max_running": engine.max_seqs,
             "kv_budget_tokens": engine.kv_budget_tokens,
             "kv_reserved_tokens": engine.kv_reserved_tokens,
+            "kv_pool_bytes": engine.pool.nbytes,
+            "kv_blocks_total": engine.blocks.usable,
+            "kv_blocks_used": engine.blocks.used,
+            "kv_blocks_cached": engine.blocks.cached,
+            "prefix_cache_queries": engine.blocks.queries,
+            "prefix_cache_hits": engine.blocks.hits,
+            "preemptions": engine.preemptions,
             "dead": engine.dead,
             "time": time.time(),
         }
@@ -190,9 +201,11 @@ async def _merge(generators):
             task.cancel()
 
 
-async def _text_messages(index: int, stream, text: TextStream, names: TokenNames):
+async def _text_messages(index: int, stream, text: TextStream, names: TokenNames, cached: bool = True):
     """One choice's engine outputs -> {"index", "text", "completion_tokens", "finish_reason"} messages, one
-    per engine read, with "logprobs" (and, first, "prompt_logprobs") when the request asked."""
+    per engine read, with "logprobs" (and, first, "prompt_logprobs") when the request asked, and first the
+    prompt tokens the prefix cache provided ("cached_tokens", when `cached`: once per prompt, as the usage
+    counts a prompt once however many choices it has)."""
     produced = 0
     first = True
     async for out in stream:
@@ -226,6 +239,8 @@ async def _text_messages(index: int, stream, text: TextStream, names: TokenNames
             message["logprobs"] = records
         if first and stream.prompt_logprobs is not None:
             message["prompt_logprobs"] = _prompt_records(stream, names)
+        if first and cached:
+            message["cached_tokens"] = stream.cached_tokens or 0
         if chunk or finish or records or "prompt_logprobs" in message:
             first = False
             yield message

@@ -47,15 +47,15 @@ def loaded(tiny_model_dir):
 
 
 def inject(engine: Engine, error: BaseException, at: int, phase: str = "decode") -> None:
-    """The engine's `at`-th forward pass of `phase` ("decode": one token per row, "prefill") raises."""
+    """The engine's `at`-th forward pass of `phase` raises: "decode" (every row decoding, one token each)
+    or "prefill" (a pass with rows joining)."""
     real = engine._forward
     calls = itertools.count(1)
 
-    def forward(cache, first, input_ids, starts, lengths):
-        is_prefill = cache is engine._prefill_cache
-        if is_prefill == (phase == "prefill") and next(calls) == at:
+    def forward(batch, input_ids, position_ids, prefill):
+        if prefill == (phase == "prefill") and next(calls) == at:
             raise error
-        return real(cache, first, input_ids, starts, lengths)
+        return real(batch, input_ids, position_ids, prefill)
 
     engine._forward = forward
 

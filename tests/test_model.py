@@ -325,29 +325,6 @@ def test_per_request_sampling_in_one_batch(loaded, tokenizer):
     assert len(together[4][0]) == 3
 
 
-def test_kv_budget_admits_what_fits_and_refuses_what_never_can(loaded, tokenizer):
-    from ptserve.engine.scheduler import NeverFits
-
-    ids = prompt_ids(tokenizer)
-    per_seq = len(ids) + 8
-    probe = Engine(loaded.model, 2048)
-    # room for two such sequences at once: the other three wait for a slot, none is refused
-    engine = Engine(loaded.model, 2048, kv_budget_bytes=2 * per_seq * probe.bytes_per_token).start()
-    assert engine.kv_budget_tokens == 2 * per_seq
-
-    async def scenario():
-        with pytest.raises(NeverFits, match="whole cache holds"):
-            engine.submit(ids, SamplingParams(2 * per_seq, temperature=0.0))
-        streams = [engine.submit(ids, SamplingParams(8, temperature=0.0)) for _ in range(5)]
-        return [await drain(s) for s in streams]
-
-    try:
-        results = asyncio.run(scenario())
-    finally:
-        engine.shutdown()
-    assert all(r == results[0] and len(r) == 8 for r in results)
-
-
 # -- every sampling parameter, on the real model ------------------------------------------------------
 def run_full(engine, jobs):
     """Like run_engine, but returns the StepOutputs' logprobs and the streams too."""
@@ -551,21 +528,3 @@ def test_bad_settings_fail_one_request_not_the_batch(engine, tokenizer):
     (bad_finish, bad_error), (good_finish, good_error) = asyncio.run(scenario())
     assert bad_finish == "error" and "IndexError" in bad_error
     assert (good_finish, good_error) == ("length", None)
-
-
-def test_an_idle_engine_holds_no_kv_memory(loaded, tokenizer):
-    """Both caches (running rows and prefill) are freed once nothing runs; the prefill cache used to keep
-    the longest prompt it had seen for good."""
-    import time
-
-    engine = Engine(loaded.model, loaded.max_context_length, prefill_chunk=16).start()
-    try:
-        run_engine(engine, [(prompt_ids(tokenizer) * 3, SamplingParams(4, temperature=0.0))])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (
-            engine.cache.allocated_tokens() or engine._prefill_cache.allocated_tokens()
-        ):
-            time.sleep(0.01)
-        assert (engine.cache.allocated_tokens(), engine._prefill_cache.allocated_tokens()) == (0, 0)
-    finally:
-        engine.shutdown()

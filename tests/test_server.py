@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import httpx
 import openai
@@ -76,20 +77,34 @@ def test_health_is_open_and_models_listed(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def cached_of(prompt_tokens: int) -> int:
+    """What the prefix cache holds of a prompt served before: its full 16-token blocks, the last token aside
+    (always computed: its position gives the first token)."""
+    return (prompt_tokens - 1) // 16 * 16
+
+
 def test_non_stream_body_usage_and_length(server, tokenizer):
-    body = chat(server, max_tokens=8)
-    choice = body["choices"][0]
+    # never served before, from the first token on (the default system prompt's blocks are cached by now)
+    messages = [{"role": "system", "content": f"Teste {uuid.uuid4().hex}."}, *USER]
+    first, again = chat(server, max_tokens=8, messages=messages), chat(server, max_tokens=8, messages=messages)
+    choice = first["choices"][0]
     assert choice["finish_reason"] == "length"
     assert choice["message"]["role"] == "assistant" and choice["message"]["refusal"] is None
-    assert body["usage"] == {
-        "prompt_tokens": prompt_len(tokenizer, USER),
+    prompt = prompt_len(tokenizer, messages)
+    assert first["usage"] == {
+        "prompt_tokens": prompt,
         "completion_tokens": 8,
-        "total_tokens": prompt_len(tokenizer, USER) + 8,
+        "total_tokens": prompt + 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
-    assert body["model"] == MODEL and body["id"].startswith("chatcmpl-")
+    assert cached_of(prompt) >= 32
+    assert again["usage"] == {**first["usage"], "prompt_tokens_details": {"cached_tokens": cached_of(prompt)}}
+    assert again["choices"] == first["choices"]
+    assert first["model"] == MODEL and first["id"].startswith("chatcmpl-")
 
 
 def test_stream_frames_follow_the_rules(server, tokenizer):
+    whole = chat(server, max_tokens=8)["choices"][0]["message"]["content"]  # the prompt is then cached
     frames = stream_frames(
         server,
         {
@@ -116,9 +131,10 @@ def test_stream_frames_follow_the_rules(server, tokenizer):
         "prompt_tokens": prompt_len(tokenizer, USER),
         "completion_tokens": 8,
         "total_tokens": prompt_len(tokenizer, USER) + 8,
+        "prompt_tokens_details": {"cached_tokens": cached_of(prompt_len(tokenizer, USER))},
     }
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == chat(server, max_tokens=8)["choices"][0]["message"]["content"]
+    assert text == whole
 
 
 def test_no_usage_chunk_unless_asked(server):
@@ -203,7 +219,9 @@ def test_text_parts_equal_a_string(server):
     joined = [{"role": "user", "content": "Olá,\ntudo bem?"}]
     a, b = chat(server, messages=parts, max_tokens=6), chat(server, messages=joined, max_tokens=6)
     assert a["choices"][0]["message"] == b["choices"][0]["message"]
-    assert a["usage"] == b["usage"]
+    # the same tokens: the second finds the first's blocks in the prefix cache
+    prompt = a["usage"]["prompt_tokens"]
+    assert b["usage"] == {**a["usage"], "prompt_tokens_details": {"cached_tokens": cached_of(prompt)}}
 
 
 def test_unknown_fields_are_accepted(server):

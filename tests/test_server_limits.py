@@ -30,7 +30,8 @@ def body(max_tokens, stream=False):
 
 @pytest.fixture(scope="module")
 def narrow_server(tiny_model_dir, tmp_path_factory):
-    """One sequence at a time, one waiting, and a KV cache of 1953 tokens (1024 bytes per token in float32);
+    """One sequence at a time, one waiting, and a KV pool of 2 MB: 122 blocks of 16 tokens (1024 bytes per token
+    in float32), one of them the null block, so 1936 tokens;
     aliases, strict names, a 4 KiB body limit and a 64-token prompt limit."""
     with served(
         tmp_path_factory,
@@ -71,7 +72,7 @@ def test_request_that_never_fits_the_kv_cache_gets_400(narrow_server):
     validate(r.json(), "ErrorResponse")
     error = r.json()["error"]
     assert (error["param"], error["code"]) == ("max_tokens", "kv_cache_exceeded")
-    assert "whole cache holds 1953" in error["message"]
+    assert "whole cache holds 1936" in error["message"]
     ok = httpx.post(narrow_server.base_url + URL, json=body(5), timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
 

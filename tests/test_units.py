@@ -175,6 +175,7 @@ def test_chunks_follow_the_openai_rules_and_schema():
         "prompt_tokens": 3,
         "completion_tokens": 1,
         "total_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert "usage" not in json.loads(streaming.ChatFormat("m").delta(0, "x")[0].removeprefix("data: "))
     assert streaming.ChatFormat("m").delta(0, "") == []  # nothing to say: no chunk
@@ -200,7 +201,12 @@ def test_chat_body_with_n_choices_and_logprobs_schema():
     validate(body, "CreateChatCompletionResponse")
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["choices"][0]["logprobs"] == {"content": [RECORD], "refusal": None}
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert [json.loads(f[6:])["choices"][0]["index"] for f in fmt.start()] == [0, 1]
     chunk = json.loads(fmt.delta(1, " oi", logprobs=[RECORD])[0][6:])
     validate(chunk, "CreateChatCompletionStreamResponse")

@@ -303,7 +303,7 @@ class MessagesFormat:
         self._finish = _stop_reason(finish, stop_string)
         return events + self._close()
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> str:
         stop_reason, stop_sequence = self._finish
         delta = {
             "type": "message_delta",

@@ -699,7 +699,7 @@ class OllamaFormat:
         self._done_reason = "length" if reason == "length" else "stop"
         return [_line({**self._head(), **p, "done": False}) for p in pieces]
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> str:
         return _line(self._last(prompt_tokens, completion_tokens, self._piece("")))
 
     def done(self) -> list[str]:

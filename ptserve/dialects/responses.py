@@ -256,10 +256,10 @@ class ResponsesFormat:
         return "incomplete" if self._finish == "length" else "completed"
 
     @staticmethod
-    def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
         return {
             "input_tokens": prompt_tokens,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
             "output_tokens": completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + completion_tokens,
@@ -289,9 +289,9 @@ class ResponsesFormat:
         )
         return events + self._close()
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage(self, prompt_tokens: int, completion_tokens: int, cached: int = 0) -> str:
         status = self._status()
-        response = self._response(status, self._usage(prompt_tokens, completion_tokens))
+        response = self._response(status, self._usage(prompt_tokens, completion_tokens, cached))
         return self._event(f"response.{status}", response=response)
 
     def done(self) -> list[str]:
@@ -371,7 +371,8 @@ class ResponsesFormat:
             self._items.append(_message_item(_new_id("msg"), message["content"], status))
         for call in message.get("tool_calls") or []:
             self._items.append(_call_item(call["id"], call["function"]["name"], call["function"]["arguments"], status))
-        response = self._response(self._status(), self._usage(prompt_tokens, choices[0].completion_tokens))
+        usage = self._usage(prompt_tokens, choices[0].completion_tokens, choices[0].cached_tokens)
+        response = self._response(self._status(), usage)
         response["output_text"] = message.get("content") or ""  # the SDKs' convenience, also in the body
         return response
 

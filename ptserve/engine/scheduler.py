@@ -18,21 +18,27 @@ Contract (what the API layer relies on):
   engine serves on. A failure that leaves the device unusable (a CUDA error other than out of memory) or
   kills the engine thread fails every request at once, sets `engine.dead` and makes `submit` raise
   `EngineDead`: the process must be restarted (the worker reports it; /health says 503).
-- Requests never mix: each row has its own cache slot, positions, sampling settings and RNG.
+- Requests never mix: each row has its own blocks (shared ones hold equal prefixes, and are never
+  written again), positions, sampling settings and RNG.
+- `stream.cached_tokens`: how many prompt tokens the prefix cache provided (set before the first output).
 
 One engine thread loops:
-  1. admit   waiting requests become a prefill group (up to max_seqs rows, within the KV budget)
-  2. prefill the group in one padded forward pass (a long prompt alone goes in chunks, one per
-             iteration, so running streams keep getting tokens); finished groups join the batch
-  3. decode  one token for every running row in one forward pass, each row at its own position
-  4. retire  finished and cancelled rows leave; their slot goes to the last row
-and sleeps on the queue when there is nothing to do (no busy polling).
+  1. schedule  every running row's next tokens (one when decoding, a chunk of the prompt when prefilling),
+               then waiting requests while the KV pool's blocks, the batch width and the prefill token
+               budget allow; a request first takes the longest prefix of its prompt already in the pool
+               (prefix caching: the system prompt, earlier turns of a conversation, the n choices of one
+               request). A running row that needs a block when none is free preempts the latest admitted
+               rows: they wait, their blocks freed, and are recomputed when blocks free up.
+  2. run       one forward pass over that ragged batch (paged.py: each row attends to its own tokens
+               only), then a token for every row whose tokens are all computed
+  3. retire    finished and cancelled rows leave; their blocks go back to the pool (or stay cached)
+and sleeps on the queue when there is nothing to do (no busy polling). The pool is allocated once, at
+start, from the KV budget (blocks.py, paged.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import queue
@@ -42,14 +48,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ptserve.engine import paged
+from ptserve.engine.blocks import ROOT_KEY, BlockManager, block_keys
 from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.hostmem import release_host_memory
-from ptserve.engine.kvcache import SlotKVCache, attention_mask
+from ptserve.engine.paged import KVPool, PagedBatch
 from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, next_tokens
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK_TOKENS = 512  # prompt tokens per prefill pass: bounds how long running streams wait
+PREFILL_CHUNK_TOKENS = 512  # prompt tokens per pass (decoding rows' tokens come on top): bounds a pass's time
+BLOCK_SIZE = 16  # token positions per KV block (FlashAttention's paged kernels want a multiple of 16)
+DEFAULT_KV_BYTES = 1 << 30  # the pool when the caller gives no budget (the server always does)
 
 
 class EngineFull(Exception):
@@ -101,6 +111,7 @@ class GenerationStream:
     cancelled: threading.Event = field(default_factory=threading.Event)
     error: str | None = None  # set with finish_reason "error"
     prompt_logprobs: list[TokenLogprob | None] | None = None  # [None, lp(token 1), ...] when asked
+    cached_tokens: int | None = None  # prompt tokens the prefix cache provided (set at admission)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -145,24 +156,25 @@ class GenerationStream:
 
 @dataclass(eq=False)
 class _Row:
-    """Per-sequence state; its index in `Engine._rows` is its cache slot."""
+    """One sequence's state, from admission to retirement (and back to waiting, when preempted)."""
 
     stream: GenerationStream
     state: RowState  # sampling settings, RNG and the history penalties need
     budget: int  # tokens it may generate (max_tokens, capped by the context window)
-    prefilled: int = 0  # prompt tokens already in the cache
-    length: int = 0  # tokens in the cache
-    last_token: int = -1
+    tokens: list[int]  # the prompt, then every token generated
+    order: int  # admission order: the latest admitted are preempted first, readmitted last
+    computed: int = 0  # tokens whose keys and values are in the pool
+    blocks: list[int] = field(default_factory=list)  # its block table
+    keys: list[bytes] = field(default_factory=list)  # prefix keys of its full blocks, as far as computed
+    offered: int = 0  # blocks [0, offered) have been offered to the prefix cache
+    decoding: bool = False  # it has sampled since it was (re)admitted
+    scoring: bool = False  # its prompt's log-probabilities are asked and not yet published
     finish: str | None = None
     scored: list[TokenLogprob | None] = field(default_factory=list)  # prompt logprobs so far
 
     @property
     def generated(self) -> int:
         return self.state.generated
-
-    @property
-    def reserve(self) -> int:
-        return len(self.stream.prompt_ids) + self.budget
 
 
 class Engine:
@@ -176,6 +188,8 @@ class Engine:
         prefill_chunk: int = PREFILL_CHUNK_TOKENS,
         grammars: GrammarBackend | None = None,
         vocab_limit: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        prefix_caching: bool = True,
     ):
         self.model = model
         self.grammars = grammars
@@ -191,25 +205,32 @@ class Engine:
         self.kv_dtype = model.get_input_embeddings().weight.dtype
         if self.kv_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             self.kv_dtype = torch.bfloat16
-        layout = (cfg.num_hidden_layers, kv_heads, head_dim, self.kv_dtype, self.device)
-        self.cache = SlotKVCache(*layout)
-        self._prefill_cache = SlotKVCache(*layout)
-        self.bytes_per_token = SlotKVCache.bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim, self.kv_dtype)
-        # Padded rows: the batch holds rows x (longest reservation) positions; the budget caps that.
-        full = max_seqs * max_context_length
-        self.kv_budget_tokens = min(full, kv_budget_bytes // self.bytes_per_token) if kv_budget_bytes else full
+        self.block_size = block_size
+        layers = cfg.num_hidden_layers
+        self.bytes_per_block = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, self.kv_dtype)
+        self.bytes_per_token = self.bytes_per_block // block_size
+        # The pool: the budget in whole blocks (no more than every sequence at full context needs).
+        most = max_seqs * -(-max_context_length // block_size) + 1
+        budget = kv_budget_bytes if kv_budget_bytes is not None else DEFAULT_KV_BYTES
+        num_blocks = min(most, budget // self.bytes_per_block)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, self.kv_dtype, self.device)
+        self.kv_budget_tokens = self.blocks.usable * block_size
+        self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
+        self.use_varlen = self.device.type == "cuda" and _has_varlen()
+        paged.install(model)
         self.vocab_size = cfg.vocab_size
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        # transformers 5.24 renamed forward(past_key_values=) to forward(cache=); accept both.
-        params = inspect.signature(self._base.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
-        self._held: deque[GenerationStream] = deque()  # taken off the queue, not yet admitted
-        self._rows: list[_Row] = []  # running (decoding) rows, in cache-slot order
-        self._group: list[_Row] = []  # the prefill group in progress
+        self._held: deque[GenerationStream | _Row] = deque()  # taken off the queue, not yet admitted
+        self._preempted: list[_Row] = []  # rows sent back to wait (their blocks freed), by admission order
+        self._rows: list[_Row] = []  # admitted rows (prefilling or decoding), by admission order
         self._ids = itertools.count()
+        self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._busy = False
+        self.preemptions = 0
         self.dead: str | None = None  # why the engine stopped for good
 
     # -- public API ---------------------------------------------------------------------------------
@@ -233,7 +254,7 @@ class Engine:
             raise EngineDead(self.dead)
         for prompt_ids, params in jobs:
             need = min(len(prompt_ids) + params.max_tokens, self.max_context_length)
-            if need > self.kv_budget_tokens:
+            if -(-need // self.block_size) > self.blocks.usable:
                 raise NeverFits(
                     f"the request needs {need} tokens of KV cache ({len(prompt_ids)} prompt + up to "
                     f"{params.max_tokens} completion) but the whole cache holds {self.kv_budget_tokens}"
@@ -254,65 +275,41 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return self._waiting.qsize() + len(self._held)
+        return self._waiting.qsize() + len(self._held) + len(self._preempted)
 
     @property
     def running(self) -> int:
-        return len(self._rows) + len(self._group)
+        return len(self._rows)
 
     @property
     def kv_reserved_tokens(self) -> int:
-        """Positions the running sequences hold: padded rows x the longest reservation (read racily from
-        another thread: a gauge, not an invariant)."""
-        rows = list(self._rows) + list(self._group)
-        return len(rows) * max((r.reserve for r in rows), default=0)
+        """Token positions in blocks held by sequences (a gauge read from another thread)."""
+        return self.blocks.used * self.block_size
 
     # -- engine thread ------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                if not self._take_arrivals(block=not (self._rows or self._group or self._held)):
+                if not self._take_arrivals(block=not (self._rows or self._held or self._preempted)):
                     break
+                self._busy = True
                 with torch.inference_mode():
-                    self._admit()
-                    if self._group:
-                        self._guarded(self._prefill_step, "prefill")
-                    if self._rows:
-                        self._guarded(self._decode_step, "decode")
+                    plan = self._schedule()
+                    if plan:
+                        self._run(plan)
                     self._retire()
-                if not (self._rows or self._group) and (
-                    self.cache.allocated_tokens() or self._prefill_cache.allocated_tokens()
-                ):
-                    self.cache.release()
-                    self._prefill_cache.release()  # it held the longest prompt seen, for good
-                    release_host_memory()
+                if not (self._rows or self._held or self._preempted) and self._busy:
+                    self._busy = False
+                    release_host_memory()  # the pool stays; what the passes' activations left goes back
         except BaseException as exc:
             self._die(exc)
-
-    def _guarded(self, step, name: str) -> None:
-        """Run a step; a failure fails the rows in its forward pass, not the engine (unless it is fatal)."""
-        try:
-            step()
-        except Exception as exc:
-            if is_fatal(exc):
-                raise
-            logger.exception("engine %s step failed", name)
-            rows = self._group if name == "prefill" else self._rows
-            self._fail(rows, f"{type(exc).__name__}: {exc}")
-            if name == "prefill":
-                self._group = []
-            else:
-                self._rows = []
-                self.cache.release()
-            if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
-                torch.cuda.empty_cache()
 
     def _die(self, exc: BaseException) -> None:
         """The engine cannot go on: fail every request it holds or will be handed, at once."""
         self.dead = f"{type(exc).__name__}: {exc}"
         logger.critical("engine stopped for good: %s", self.dead, exc_info=exc)
-        self._fail(self._rows + self._group, self.dead)
-        self._rows, self._group = [], []
+        self._fail(self._rows + self._preempted, self.dead)
+        self._rows, self._preempted = [], []
         while True:
             try:
                 item = self._waiting.get_nowait()
@@ -322,13 +319,9 @@ class Engine:
                 self._held.append(item)
         while self._held:
             stream = self._held.popleft()
+            stream = stream.stream if isinstance(stream, _Row) else stream
             stream.error = self.dead
             stream._publish(None, "error")
-        try:
-            self.cache.release()
-            self._prefill_cache.release()
-        except Exception:  # the device may refuse even this
-            pass
 
     def _take_arrivals(self, block: bool) -> bool:
         """Move queued streams to `_held`; False on shutdown."""
@@ -342,130 +335,243 @@ class Engine:
         except queue.Empty:
             return True
 
-    # 1. admit ------------------------------------------------------------------------------------------
-    def _admit(self) -> None:
-        while self._held and self._held[0].cancelled.is_set():
-            self._held.popleft()._publish(None, "abort")
-        if self._group or not self._held:
-            return
-        tokens = 0
-        longest = max((r.reserve for r in self._rows), default=0)
-        while self._held and len(self._rows) + len(self._group) < self.max_seqs:
-            stream = self._held[0]
-            if stream.cancelled.is_set():
-                self._held.popleft()._publish(None, "abort")
+    # 1. schedule ---------------------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[_Row, int]]:
+        """This pass's rows and how many new tokens each computes: every running row first (one token
+        each when decoding, a chunk of its prompt when prefilling), then waiting rows while blocks, the
+        width and the prefill token budget allow. A running row that needs a block when none is free
+        preempts the latest admitted rows (they wait, blocks freed, and are recomputed later)."""
+        prefill_budget = self.prefill_chunk
+        plan: list[tuple[_Row, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self._rows):
+            row = self._rows[i]
+            i += 1
+            if row.finish is None and row.stream.cancelled.is_set():
+                self._finish(row, "abort")
+            if row.finish is not None:
                 continue
+            pending = len(row.tokens) - row.computed
+            n = 1 if pending == 1 else min(pending, prefill_budget)
+            if n == 0:
+                continue
+            while not self._grow(row, row.computed + n):
+                victim = next(r for r in reversed(self._rows) if r.finish is None)
+                self._preempt(victim)
+                preempted = True
+                if victim is row:
+                    break
+            if row in self._rows:
+                if pending > 1:
+                    prefill_budget -= n
+                plan.append((row, n))
+                self._offer(row, n)
+        if not preempted:
+            self._admit(plan, prefill_budget)
+        return plan
+
+    def _admit(self, plan: list[tuple[_Row, int]], prefill_budget: int) -> None:
+        while prefill_budget > 0 and len(self._rows) < self.max_seqs:
+            row = self._next_waiting()
+            if row is None:
+                return
+            computed, hit = 0, []
+            if not row.scoring:
+                row.keys = block_keys(row.tokens[:-1], self.block_size)  # the last token is always computed
+                hit = self.blocks.lookup(row.keys)
+                computed = len(hit) * self.block_size
+            pending = len(row.tokens) - computed
+            n = min(pending, prefill_budget)
+            need = -(-(computed + n) // self.block_size) - len(hit)
+            fresh = self.blocks.allocate(need) if self.blocks.free - need >= self.watermark else None
+            if fresh is None:
+                self.blocks.release(hit)
+                return  # it waits for blocks to be freed
+            self._take_waiting(row)
+            if row.stream.cached_tokens is None:  # first admission: what the prefix cache gave its prompt
+                row.stream.cached_tokens = computed
+                self.blocks.count_query(len(row.tokens), computed)
+            row.blocks, row.computed, row.offered = hit + fresh, computed, len(hit)
+            self._rows.append(row)
+            plan.append((row, n))
+            self._offer(row, n)
+            prefill_budget -= n
+
+    def _next_waiting(self) -> _Row | None:
+        """The first waiting row (preempted ones first), made for a new stream; None when none waits."""
+        while self._preempted or self._held:
+            if self._preempted:
+                row = self._preempted[0]
+                if row.stream.cancelled.is_set():
+                    self._preempted.pop(0)
+                    self._finish(row, "abort")
+                    continue
+                return row
+            item = self._held[0]
+            stream = item.stream if isinstance(item, _Row) else item
+            if stream.cancelled.is_set():
+                self._held.popleft()
+                stream._publish(None, "abort")
+                continue
+            if isinstance(item, _Row):  # made before, still waiting for blocks
+                return item
             prompt = len(stream.prompt_ids)
             budget = min(stream.params.max_tokens, self.max_context_length - prompt)
-            rows_after = len(self._rows) + len(self._group) + 1
-            if rows_after * max(longest, prompt + budget) > self.kv_budget_tokens:
-                break  # waits until running rows leave
-            if self._group and tokens + prompt > self.prefill_chunk:
-                break  # next iteration's group
-            self._held.popleft()
             try:
                 state = RowState.create(stream.params, stream.prompt_ids, self.vocab_size, self.device, self.grammars)
             except (RuntimeError, IndexError, ValueError) as exc:  # bad settings fail this request only
+                self._held.popleft()
                 stream.error = f"{type(exc).__name__}: {exc}"
                 stream._publish(None, "error")
                 continue
-            self._group.append(_Row(stream, state, budget))
-            tokens += prompt
-            longest = max(longest, prompt + budget)
+            row = _Row(stream, state, budget, list(stream.prompt_ids), next(self._order))
+            row.scoring = stream.params.prompt_logprobs is not None
+            self._held[0] = row  # made once, even if it has to wait for blocks
+            return row
+        return None
 
-    # 2. prefill ----------------------------------------------------------------------------------------
-    def _prefill_step(self) -> None:
-        # Dropping a cancelled row shifts the others' prefill-cache rows; that is safe because only a
-        # group of one is ever prefilled across several passes (see _admit).
-        group = []
-        for r in self._group:
-            if r.stream.cancelled.is_set():
-                r.stream._publish(None, "abort")
-            else:
-                group.append(r)
-        self._group = group
-        if not group:
+    def _take_waiting(self, row: _Row) -> None:
+        if self._preempted and self._preempted[0] is row:
+            self._preempted.pop(0)
+        else:
+            self._held.popleft()
+
+    def _grow(self, row: _Row, end: int) -> bool:
+        """Blocks for `row` to hold `end` tokens; False (nothing taken) when not enough are free."""
+        need = -(-end // self.block_size) - len(row.blocks)
+        if need <= 0:
+            return True
+        fresh = self.blocks.allocate(need)
+        if fresh is None:
+            return False
+        row.blocks += fresh
+        return True
+
+    def _preempt(self, row: _Row) -> None:
+        """Send `row` back to wait: its blocks are freed (cached ones may serve its recomputation)."""
+        logger.info("KV pool full: request %d preempted at %d tokens", row.stream.request_id, len(row.tokens))
+        self.preemptions += 1
+        self._rows.remove(row)
+        self.blocks.release(row.blocks)
+        row.blocks, row.computed, row.offered, row.decoding = [], 0, 0, False
+        self._preempted.append(row)
+        self._preempted.sort(key=lambda r: r.order)
+
+    def _offer(self, row: _Row, n: int) -> None:
+        """Publish the blocks that `row`'s next `n` tokens fill to the prefix cache, as soon as the row is
+        planned: a row planned after it in the same pass may read them (every key of a pass is written
+        before any row attends)."""
+        bs = self.block_size
+        full = (row.computed + n) // bs
+        if not self.blocks.prefix_caching or full <= row.offered:
             return
-        # A group of one may be longer than a chunk: it goes in pieces, one per iteration.
-        chunks = [r.stream.prompt_ids[r.prefilled : r.prefilled + self.prefill_chunk] for r in group]
-        starts = torch.tensor([r.prefilled for r in group], device=self.device)
-        lengths = torch.tensor([len(c) for c in chunks], device=self.device)
-        q_len = int(lengths.max())
-        # input_ids: [n, Q] right-padded; positions: [n, Q]; mask: [n, 1, Q, end]
-        input_ids = torch.zeros((len(group), q_len), dtype=torch.long, device=self.device)
-        for i, chunk in enumerate(chunks):
-            input_ids[i, : len(chunk)] = torch.tensor(chunk, device=self.device)
-        hidden = self._forward(self._prefill_cache, 0, input_ids, starts, lengths)  # [n, Q, H]
-        for i, (r, chunk) in enumerate(zip(group, chunks, strict=True)):
-            if r.stream.params.prompt_logprobs is not None:
-                self._score_prompt(r, hidden[i, : len(chunk)])
-            r.prefilled += len(chunk)
-        if any(r.prefilled < len(r.stream.prompt_ids) for r in group):
-            return
-        # Prompt done: the first token of each row comes from its last prompt position.
-        last = hidden[torch.arange(len(group), device=self.device), lengths - 1]  # [n, H]
-        tokens, logprobs = self._sample(last, group)
-        first = len(self._rows)
-        longest = max(len(r.stream.prompt_ids) for r in group)
-        self.cache.ensure(first + len(group), longest)
-        self.cache.copy_rows_from(self._prefill_cache, 0, first, len(group), longest)
-        for r, token, logprob in zip(group, tokens, logprobs, strict=True):
-            r.length = len(r.stream.prompt_ids)
-            if r.budget == 0:  # max_tokens=0: the prompt was only scored
-                r.finish = "length"
-                r.stream._publish(None, "length")
-            else:
-                self._emit(r, token, logprob)
-        self._rows.extend(group)
-        self._group = []
+        if len(row.keys) < full:
+            start = row.keys[-1] if row.keys else ROOT_KEY
+            row.keys += block_keys(row.tokens[: full * bs], bs, start, len(row.keys))
+        for b in range(row.offered, full):
+            self.blocks.register(row.blocks[b], row.keys[b])
+        row.offered = full
 
-    # 3. decode ----------------------------------------------------------------------------------------
-    def _decode_step(self) -> None:
-        rows = self._rows
-        live = [r for r in rows if r.finish is None]
-        if not live:
-            return
-        # Every row runs (slots are contiguous); finished ones are dropped right after, in _retire.
-        input_ids = torch.tensor([[r.last_token] for r in rows], device=self.device)  # [B, 1]
-        starts = torch.tensor([r.length for r in rows], device=self.device)  # [B] position of the new token
-        ones = torch.ones(len(rows), dtype=torch.long, device=self.device)
-        hidden = self._forward(self.cache, 0, input_ids, starts, ones)  # [B, 1, H]
-        tokens, logprobs = self._sample(hidden[:, -1], rows)
-        for r, token, logprob in zip(rows, tokens, logprobs, strict=True):
-            if r.finish is None:
-                r.length += 1
-                self._emit(r, token, logprob)
+    # 2. run --------------------------------------------------------------------------------------------
+    def _run(self, plan: list[tuple[_Row, int]]) -> None:
+        """One forward pass over the plan, then a token for every row whose tokens are all computed. A
+        failed pass fails the rows that were joining (prefilling) and is retried for the decoding ones;
+        one that fails again, or held only decoding rows, fails them all. A fatal error propagates."""
+        self.pool.zero(self.blocks.take_fresh())
+        try:
+            hidden = self._pass(plan)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            logger.exception("engine step failed")
+            joining = [(r, n) for r, n in plan if not r.decoding]
+            decoding = [(r, n) for r, n in plan if r.decoding]
+            message = f"{type(exc).__name__}: {exc}"
+            self._fail_rows([r for r, _ in joining] if decoding and joining else [r for r, _ in plan], message)
+            self._recover(exc)
+            if not (decoding and joining):
+                return
+            plan = decoding
+            try:
+                hidden = self._pass(plan)
+            except Exception as again:
+                if is_fatal(again):
+                    raise
+                logger.exception("engine step failed again, without the joining rows")
+                self._fail_rows([r for r, _ in plan], f"{type(again).__name__}: {again}")
+                self._recover(again)
+                return
+        try:
+            self._advance(plan, hidden)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            logger.exception("engine step failed after its forward pass")
+            self._fail_rows([r for r, _ in plan if r.finish is None], f"{type(exc).__name__}: {exc}")
 
-    # 4. retire ----------------------------------------------------------------------------------------
-    def _retire(self) -> None:
-        i = 0
-        while i < len(self._rows):
-            r = self._rows[i]
-            if r.finish is None and r.stream.cancelled.is_set():
-                r.finish = "abort"
-                r.stream._publish(None, "abort")
-            if r.finish is None:
-                i += 1
-                continue
-            last = len(self._rows) - 1
-            if i != last:
-                self.cache.move_row(last, i)
-                self._rows[i] = self._rows[last]
-            self._rows.pop()
+    def _pass(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
+        ids, positions = [], []
+        for row, n in plan:
+            ids += row.tokens[row.computed : row.computed + n]
+            positions += range(row.computed, row.computed + n)
+        batch = PagedBatch.build(self.pool, [(r.computed, n, r.blocks) for r, n in plan], self.use_varlen)
+        prefill = any(not r.decoding for r, _ in plan)
+        input_ids = torch.tensor([ids], device=self.device)
+        position_ids = torch.tensor([positions], device=self.device)
+        return self._forward(batch, input_ids, position_ids, prefill)[0]  # [T, H]
 
-    # -- shared pieces ------------------------------------------------------------------------------------
-    def _forward(self, cache: SlotKVCache, first: int, input_ids, starts, lengths) -> torch.Tensor:
-        positions, end = cache.prepare(first, starts, input_ids.shape[1])
-        mask = attention_mask(starts, lengths, input_ids.shape[1], end, self.kv_dtype)
+    def _forward(self, batch: PagedBatch, input_ids, position_ids, prefill: bool) -> torch.Tensor:
         out = self._base(
             input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
+            position_ids=position_ids,
+            attention_mask=paged.NO_MASK,
+            use_cache=False,
+            paged=batch,
         )
         return out.last_hidden_state
 
+    def _advance(self, plan: list[tuple[_Row, int]], hidden: torch.Tensor) -> None:
+        offset = 0
+        ready, last = [], []
+        for row, n in plan:
+            if row.scoring:
+                self._score_prompt(row, hidden[offset : offset + n])
+            row.computed += n
+            offset += n
+            if row.computed < len(row.tokens):
+                continue
+            if row.budget == 0:  # max_tokens=0: the prompt was only scored
+                self._finish(row, "length")
+                continue
+            ready.append(row)
+            last.append(offset - 1)
+        if not ready:
+            return
+        tokens, logprobs = self._sample(hidden[last], ready)
+        for row, token, logprob in zip(ready, tokens, logprobs, strict=True):
+            row.decoding = True
+            row.tokens.append(token)
+            self._emit(row, token, logprob)
+
+    def _recover(self, exc: Exception) -> None:
+        if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # 3. retire ----------------------------------------------------------------------------------------
+    def _retire(self) -> None:
+        kept = []
+        for r in self._rows:
+            if r.finish is None and r.stream.cancelled.is_set():
+                self._finish(r, "abort")
+            if r.finish is None:
+                kept.append(r)
+            else:
+                self.blocks.release(r.blocks)
+                r.blocks = []
+        self._rows = kept
+
+    # -- shared pieces ------------------------------------------------------------------------------------
     def _sample(self, hidden: torch.Tensor, rows: list[_Row]) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = self.model.lm_head(hidden)  # [n, V]
         return next_tokens(logits, [r.state for r in rows], self.grammars, self.vocab_limit)
@@ -473,7 +579,7 @@ class Engine:
     def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict. hidden: [L, H]."""
         prompt = row.stream.prompt_ids
-        start = row.prefilled
+        start = row.computed
         if start == 0:
             row.scored = [None]  # the first token has no context to be scored in
         count = min(len(hidden), len(prompt) - 1 - start)  # the last position predicts the completion
@@ -483,9 +589,9 @@ class Engine:
             row.scored += logprobs_of(logits, targets, row.stream.params.prompt_logprobs)
         if start + len(hidden) >= len(prompt):
             row.stream._publish_prompt_logprobs(row.scored)
+            row.scoring = False
 
     def _emit(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> None:
-        row.last_token = token
         if row.stream.cancelled.is_set():
             row.finish = "abort"
         elif row.state.error is not None:
@@ -498,9 +604,35 @@ class Engine:
         row.stream._publish(None if row.finish in ("abort", "error") else token, row.finish, logprob)
 
     @staticmethod
+    def _finish(row: _Row, reason: str) -> None:
+        row.finish = reason
+        row.stream._publish(None, reason)
+
+    def _fail_rows(self, rows: list[_Row], message: str) -> None:
+        """Rows of a failed pass: failed, their blocks freed, and what they offered the prefix cache
+        forgotten (it may not have been written)."""
+        self._fail(rows, message)
+        for r in rows:
+            for block in r.blocks[: r.offered]:
+                if self.blocks.refs[block] == 1:  # nobody else reads it
+                    self.blocks.unregister(block)
+            if r in self._rows:
+                self._rows.remove(r)
+            self.blocks.release(r.blocks)
+            r.blocks = []
+
+    @staticmethod
     def _fail(rows: list[_Row], message: str) -> None:
         for r in rows:
             if r.finish is None:
                 r.finish = "error"
                 r.stream.error = message
                 r.stream._publish(None, "error")
+
+
+def _has_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True

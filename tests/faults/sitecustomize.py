@@ -2,9 +2,10 @@
 inference worker is a fresh spawned interpreter) when this folder is on PYTHONPATH and FAULT_INJECT says
 what to break. Nothing in ptserve knows about it.
 
-    FAULT_INJECT=oom:N     the engine's Nth decode step raises torch.OutOfMemoryError (once)
-    FAULT_INJECT=fatal:N   the Nth decode step raises a CUDA error that leaves the device unusable
-    FAULT_INJECT=thread:N  the engine thread itself dies (BaseException) at the Nth decode step
+    FAULT_INJECT=oom:N     the engine's Nth decoding forward pass (no row joining) raises
+                           torch.OutOfMemoryError (once)
+    FAULT_INJECT=fatal:N   the Nth decoding pass raises a CUDA error that leaves the device unusable
+    FAULT_INJECT=thread:N  the engine thread itself dies (BaseException) at the Nth decoding pass
 """
 
 import os
@@ -21,20 +22,21 @@ class EngineThreadKilled(BaseException):
 def _install(scheduler, kind: str, at: int) -> None:
     import torch
 
-    real = scheduler.Engine._decode_step
+    real = scheduler.Engine._forward
     errors = {
         "oom": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)"),
         "fatal": lambda: RuntimeError("CUDA error: an illegal memory access was encountered (injected)"),
         "thread": lambda: EngineThreadKilled("engine thread killed (injected)"),
     }
 
-    def decode_step(self):
-        self._injected_steps = getattr(self, "_injected_steps", 0) + 1
-        if self._injected_steps == at:
-            raise errors[kind]()
-        return real(self)
+    def forward(self, batch, input_ids, position_ids, prefill):
+        if not prefill:
+            self._injected_steps = getattr(self, "_injected_steps", 0) + 1
+            if self._injected_steps == at:
+                raise errors[kind]()
+        return real(self, batch, input_ids, position_ids, prefill)
 
-    scheduler.Engine._decode_step = decode_step
+    scheduler.Engine._forward = forward
 
 
 class _PatchOnImport:

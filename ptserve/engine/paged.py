@@ -1,0 +1,242 @@
+"""The KV pool's memory and the attention that reads it, plugged into transformers' model code.
+
+`KVPool` is one tensor allocated once, at start, from the KV budget:
+[layers, 2 (keys, values), blocks, block_size, kv_heads, head_dim]. `blocks.BlockManager` decides which
+block holds what.
+
+A forward pass runs the model over one ragged batch: every scheduled row's new tokens side by side,
+input_ids [1, T], each token at its own position. The model's code stays transformers' own: only its
+attention function is ours (`ATTENTION`, registered in transformers' AttentionInterface), and it finds
+the batch's layout in the `paged=` keyword the engine passes through the model's forward. Per layer it
+1. writes the T new keys and values into their pool slots, then
+2. computes each row's attention over exactly its own tokens:
+   - on CUDA, FlashAttention's variable-length kernel reads the pool through the block tables
+     (torch.nn.attention.varlen.varlen_attn, num_splits=1: a row's numbers do not depend on its
+     neighbours);
+   - on the CPU (and on CUDA should that kernel be missing), rows with one new token (decoding) are
+     gathered into one padded SDPA call over their blocks, and each row with several new tokens (a
+     prefill chunk) gets its own causal SDPA call: reading the fresh keys directly when it starts at
+     position 0, else its blocks from the pool.
+Since every row's keys are written before any row attends, a row may read blocks another row of the
+same pass is writing (the prefix cache relies on it: `n` choices of one prompt share its blocks).
+
+Without `paged=` (transformers' own generate, the tests' references) the function is transformers' SDPA
+attention, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ptserve.engine.blocks import NULL_BLOCK
+
+logger = logging.getLogger(__name__)
+
+ATTENTION = "ptserve_paged"
+
+
+class KVPool:
+    def __init__(self, num_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device):
+        self.block_size = block_size
+        shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+        self.data = torch.empty(shape, dtype=dtype, device=device)  # untouched pages cost nothing on the CPU
+        self.data[:, :, NULL_BLOCK].zero_()
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def zero(self, blocks: list[int]) -> None:
+        """Zero blocks whose memory was never written (it may hold NaNs, which a masked read would spread)."""
+        if blocks:
+            self.data[:, :, torch.tensor(blocks, device=self.data.device)] = 0
+
+
+@dataclass
+class Segment:
+    """A row with several new tokens this pass (a prefill chunk): tokens [q_start, q_end) of the batch,
+    at positions [start, start + q_end - q_start); its keys span `table`'s blocks."""
+
+    q_start: int
+    q_end: int
+    start: int
+    table: torch.Tensor  # [blocks] long
+    mask: torch.Tensor | None  # [q, kv] bool, None when start == 0 (plain causal)
+
+
+@dataclass
+class PagedBatch:
+    """One forward pass's layout (built by the engine, read by every layer's attention)."""
+
+    pool: KVPool
+    slots: torch.Tensor  # [T] long: the pool slot (block * block_size + offset) of each new token
+    single_idx: torch.Tensor | None  # [S] long: batch positions of the rows with one new token
+    single_tables: torch.Tensor | None  # [S, blocks] long, padded with the null block
+    single_mask: torch.Tensor | None  # [S, 1, 1, blocks * block_size] bool: the row's tokens
+    segments: list[Segment]
+    # FlashAttention's varlen layout (CUDA only), every row in batch order
+    cu_seq_q: torch.Tensor | None = None
+    seqused_k: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+    max_q: int = 0
+    max_k: int = 0
+
+    @classmethod
+    def build(cls, pool: KVPool, rows: list[tuple[int, int, list[int]]], use_varlen: bool) -> PagedBatch:
+        """rows: (start, new tokens, block table) per row, in batch order."""
+        device, bs = pool.data.device, pool.block_size
+        slots, single, single_tables, single_lens, segments = [], [], [], [], []
+        q = 0
+        for start, n, table in rows:
+            pos = range(start, start + n)
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            end = start + n
+            used = table[: -(-end // bs)]
+            if n == 1:
+                single.append(q)
+                single_tables.append(used)
+                single_lens.append(end)
+            elif not use_varlen:
+                mask = None
+                if start:
+                    t = torch.arange(n, device=device).unsqueeze(1)
+                    j = torch.arange(end, device=device).unsqueeze(0)
+                    mask = j <= start + t
+                segments.append(Segment(q, q + n, start, torch.tensor(used, device=device), mask))
+            q += n
+        batch = cls(pool, torch.tensor(slots, device=device), None, None, None, segments)
+        if use_varlen:
+            lens = [n for _, n, _ in rows]
+            ends = [s + n for s, n, _ in rows]
+            width = max(-(-e // bs) for e in ends)
+            cu = [0]
+            for n in lens:
+                cu.append(cu[-1] + n)
+            batch.cu_seq_q = torch.tensor(cu, dtype=torch.int32, device=device)
+            batch.seqused_k = torch.tensor(ends, dtype=torch.int32, device=device)
+            padded = []
+            for (_, _, table), end in zip(rows, ends, strict=True):
+                used = table[: -(-end // bs)]
+                padded.append(used + [NULL_BLOCK] * (width - len(used)))
+            batch.block_table = torch.tensor(padded, dtype=torch.int32, device=device)
+            batch.max_q, batch.max_k = max(lens), max(ends)
+        elif single:
+            width = max(len(t) for t in single_tables)
+            padded = [t + [NULL_BLOCK] * (width - len(t)) for t in single_tables]
+            batch.single_idx = torch.tensor(single, device=device)
+            batch.single_tables = torch.tensor(padded, device=device)
+            j = torch.arange(width * bs, device=device)
+            batch.single_mask = (j < torch.tensor(single_lens, device=device).unsqueeze(1)).view(len(single), 1, 1, -1)
+        return batch
+
+
+def _write(batch: PagedBatch, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """key/value [1, kv_heads, T, D] into their slots of `layer`."""
+    data = batch.pool.data
+    flat = data.shape[2] * data.shape[3]
+    k_pool = data[layer, 0].view(flat, data.shape[4], data.shape[5])
+    v_pool = data[layer, 1].view(flat, data.shape[4], data.shape[5])
+    k_pool.index_copy_(0, batch.slots, key[0].transpose(0, 1).to(data.dtype))
+    v_pool.index_copy_(0, batch.slots, value[0].transpose(0, 1).to(data.dtype))
+
+
+def _gather(pool_layer: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """pool_layer [blocks, bs, kvh, D], tables [..., n] -> [..., kvh, n * bs, D]."""
+    g = pool_layer[tables]  # [..., n, bs, kvh, D]
+    g = g.flatten(-4, -3)  # [..., n * bs, kvh, D]
+    return g.transpose(-3, -2)
+
+
+def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> torch.Tensor:
+    """Attention for every row of the batch without FlashAttention. query [1, H, T, D] -> [T, H, D]."""
+    data = batch.pool.data
+    heads, total = query.shape[1], query.shape[2]
+    gqa = heads != data.shape[4]
+    dtype = data.dtype
+    q = query[0].to(dtype)  # [H, T, D]
+    out = torch.empty((total, heads, query.shape[-1]), dtype=dtype, device=query.device)
+    if batch.single_idx is not None:
+        qs = q[:, batch.single_idx].transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
+        k = _gather(data[layer, 0], batch.single_tables)  # [S, kvh, L, D]
+        v = _gather(data[layer, 1], batch.single_tables)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=batch.single_mask, scale=scaling, enable_gqa=gqa)
+        out[batch.single_idx] = o.squeeze(2)
+    for seg in batch.segments:
+        qs = q[:, seg.q_start : seg.q_end].unsqueeze(0)  # [1, H, n, D]
+        if seg.mask is None:  # from position 0: this pass's own keys are all there is
+            k = key[:, :, seg.q_start : seg.q_end].to(dtype)
+            v = value[:, :, seg.q_start : seg.q_end].to(dtype)
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
+        else:
+            kv_len = seg.mask.shape[1]
+            k = _gather(data[layer, 0], seg.table)[:, :kv_len].unsqueeze(0)
+            v = _gather(data[layer, 1], seg.table)[:, :kv_len].unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=seg.mask, scale=scaling, enable_gqa=gqa)
+        out[seg.q_start : seg.q_end] = o[0].transpose(0, 1)
+    return out
+
+
+def _varlen_rows(batch: PagedBatch, layer: int, query, scaling) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    data = batch.pool.data
+    q = query[0].transpose(0, 1).to(data.dtype)  # [T, H, D]
+    return varlen_attn(
+        q,
+        data[layer, 0],
+        data[layer, 1],
+        batch.cu_seq_q,
+        None,
+        batch.max_q,
+        batch.max_k,
+        scale=scaling,
+        window_size=(-1, 0),
+        enable_gqa=q.shape[1] != data.shape[4],
+        seqused_k=batch.seqused_k,
+        block_table=batch.block_table,
+        num_splits=1,
+    )
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, paged=None, **kwargs):
+    """transformers' attention interface: query [1, H, T, D], key/value [1, kvh, T, D] -> ([1, T, H, D], None)."""
+    if paged is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    layer = module.layer_idx
+    _write(paged, layer, key, value)
+    if paged.block_table is not None:
+        out = _varlen_rows(paged, layer, query, scaling)
+    else:
+        out = _sdpa_rows(paged, layer, query, key, value, scaling)
+    return out.to(query.dtype).unsqueeze(0), None
+
+
+# A 4D mask is passed through by transformers' mask builder untouched: the engine's passes use it so no
+# mask is built (the attention above reads the layout from `paged=`).
+NO_MASK = torch.zeros((1, 1, 1, 1), dtype=torch.bool)
+
+
+def install(model: torch.nn.Module) -> None:
+    """Make `model` attend with `paged_attention` (transformers' SDPA when not called by the engine)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, paged_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+    model.config._attn_implementation = ATTENTION
+    for module in model.modules():  # sub-configs (some models keep their own)
+        config = getattr(module, "config", None)
+        if config is not None and config is not model.config and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = ATTENTION

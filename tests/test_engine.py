@@ -1,0 +1,337 @@
+"""The engine's KV pool: paged blocks, one ragged pass per step, prefix caching, preemption.
+
+Units of the block bookkeeping (no model), then the tiny Phi-3.5 (float32) with sharpened attention, where
+reading one wrong key moves log-probabilities by units: every path (paged, ragged, chunked, prefix-cached,
+preempted and recomputed) gives transformers' eager forward of each request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import torch
+
+from ptserve.config import load_config
+from ptserve.engine import loader
+from ptserve.engine.blocks import NULL_BLOCK, BlockManager, block_keys
+from ptserve.engine.sampling import SamplingParams
+from ptserve.engine.scheduler import Engine, NeverFits
+from ptserve.tinymodel import TinyShape, build
+
+BS = 16  # the engine's block size
+SHARPEN = 8.0  # queries, keys and lm_head scaled up: attention then depends on every key it reads
+ATOL = 1e-3  # float32, different matmul shapes than the reference (see tests/test_model.py)
+
+
+# -- block bookkeeping (no model) ---------------------------------------------------------------------
+def test_blocks_are_handed_out_once_and_the_null_block_never():
+    m = BlockManager(5, 4)
+    assert (m.usable, m.free, m.used) == (4, 4, 0)
+    first = m.allocate(3)
+    assert sorted(first) == [1, 2, 3] and NULL_BLOCK not in first
+    assert m.take_fresh() == first and m.take_fresh() == []  # never-used memory: the caller zeroes it
+    assert m.allocate(2) is None and m.free == 1  # not enough: nothing taken
+    m.release(first)
+    again = m.allocate(4)
+    assert sorted(again) == [1, 2, 3, 4] and m.take_fresh() == [4]  # released ones are reused first
+    assert (m.free, m.used) == (0, 4)
+
+
+def test_block_keys_name_the_whole_prefix():
+    a = list(range(40))
+    b = [7] * 8 + list(range(8, 40))  # same second block, different first
+    assert len(block_keys(a, 16)) == 2  # the partial third block has no key
+    assert block_keys(a, 16)[0] != block_keys(b, 16)[0]
+    assert block_keys(a, 16)[1] != block_keys(b, 16)[1]  # equal tokens after a different prefix
+    assert block_keys(a, 16, block_keys(a[:16], 16)[0], 1) == block_keys(a, 16)[1:]  # chained from a key
+
+
+def test_prefix_lookup_references_and_lru_eviction():
+    m = BlockManager(5, 4)  # 4 usable blocks
+    keys = block_keys(list(range(12)), 4)
+    blocks = m.allocate(3)
+    for block, key in zip(blocks, keys, strict=True):
+        assert m.register(block, key)
+    assert not m.register(m.allocate(1)[0], keys[0])  # a prefix already held elsewhere stays private
+    m.release(blocks)
+    assert (m.cached, m.used) == (3, 1)
+    assert m.lookup(keys[:2] + [b"other"]) == blocks[:2]  # the longest cached prefix, now referenced
+    assert m.used == 3
+    # one block is free and cached (blocks[2]): it is the one evicted when a block is needed
+    assert m.allocate(1) == [blocks[2]] and m.evictions == 1
+    assert m.lookup(keys) == blocks[:2]  # the third key is gone
+    m.unregister(blocks[0])
+    assert m.lookup(keys) == []
+
+
+# -- the engine on a sharpened tiny model --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory):
+    """A tiny Phi-3.5 whose attention is sharp: at initialization scale it is nearly uniform, and a wrong
+    key would hardly show."""
+    from safetensors.torch import load_file, save_file
+
+    path = build(tmp_path_factory.mktemp("sharp"))
+    weights = load_file(path / "model.safetensors")
+    hidden = TinyShape().hidden
+    for name, tensor in weights.items():
+        if name.endswith("qkv_proj.weight"):
+            tensor[: 2 * hidden] *= SHARPEN
+        elif name == "lm_head.weight":
+            tensor *= SHARPEN
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    overrides = {("model", "id"): str(path), ("model", "dtype"): "float32", ("model", "max_context_length"): 4096}
+    return loader.load(load_config(None, environ={}, overrides=overrides)).model
+
+
+def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 30000, (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(n, temperature=0.0, **kw)
+
+
+def eager_logprobs(model, ids: list[int]) -> list[float]:
+    """transformers' eager forward of one sequence: the log-probability of each token after the first."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
+
+async def collect(stream):
+    tokens, logprobs, finish = [], [], None
+    async for out in stream:
+        tokens += out.token_ids
+        logprobs += [lp.logprob for lp in out.logprobs or []]
+        finish = out.finish_reason
+    return tokens, logprobs, finish
+
+
+def run(engine: Engine, jobs, stagger: float = 0.0):
+    """Submit (ids, params) jobs (the k-th after k x stagger seconds); [(tokens, logprobs, finish, stream)]."""
+
+    async def one(k, ids, params):
+        await asyncio.sleep(stagger * k)
+        stream = engine.submit(ids, params)
+        return (*await collect(stream), stream)
+
+    async def scenario():
+        return await asyncio.gather(*(one(k, ids, p) for k, (ids, p) in enumerate(jobs)))
+
+    return asyncio.run(scenario())
+
+
+def settle(engine: Engine) -> None:
+    """Wait until the engine has retired everything (the last token is published before retirement)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (engine.running or engine.blocks.used):
+        time.sleep(0.005)
+
+
+def assert_matches_eager(model, ids, tokens, logprobs, prompt_logprobs=None):
+    """The request's generated (and prompt) log-probabilities are those of transformers' forward alone."""
+    reference = eager_logprobs(model, ids + tokens)
+    assert logprobs == pytest.approx(reference[len(ids) - 1 :], abs=ATOL)
+    if prompt_logprobs is not None:
+        assert [lp.logprob for lp in prompt_logprobs[1:]] == pytest.approx(reference[: len(ids) - 1], abs=ATOL)
+
+
+def test_ragged_chunked_paged_passes_equal_each_request_alone(sharp):
+    """Requests of lengths across block boundaries, arriving while others run, prompts in 7-token chunks:
+    prefill chunks and decoding rows share passes and blocks sit anywhere in the pool."""
+    ids = prompts(5, 16, 17, 40, 90)
+    engine = Engine(sharp, 4096, prefill_chunk=7).start()
+    try:
+        results = run(engine, [(p, greedy(12, logprobs=0, prompt_logprobs=0)) for p in ids], stagger=0.01)
+    finally:
+        engine.shutdown()
+    for p, (tokens, logprobs, finish, stream) in zip(ids, results, strict=True):
+        assert (len(tokens), finish) == (12, "length")
+        assert_matches_eager(sharp, p, tokens, logprobs, stream.prompt_logprobs)
+
+
+def test_prefix_cache_reuses_a_conversation_and_changes_nothing(sharp):
+    """Turn 2 resends turn 1 (prompt and answer) plus a new message: the full blocks of what turn 1
+    computed are reused; tokens and log-probabilities are those computed without the cache."""
+    first, more = prompts(70, 30)
+    outputs = {}
+    for caching in (True, False):
+        engine = Engine(sharp, 4096, prefix_caching=caching).start()
+        try:
+            [(answer, _, _, s1)] = run(engine, [(first, greedy(8, logprobs=0))])
+            second = first + answer + more
+            [(tokens, logprobs, _, s2)] = run(engine, [(second, greedy(8, logprobs=0))])
+            settle(engine)
+            outputs[caching] = (answer, tokens, logprobs, s1.cached_tokens, s2.cached_tokens, engine.blocks.used)
+        finally:
+            engine.shutdown()
+    answer, tokens, logprobs, cached1, cached2, used = outputs[True]
+    # turn 1 computed its 70 prompt tokens and 7 of its 8 answer tokens (the last one is only sampled):
+    # 4 full blocks of 16
+    assert (cached1, cached2, used) == (0, 64, 0)
+    assert outputs[False][3:] == (0, 0, 0)
+    assert tokens == outputs[False][1] and answer == outputs[False][0]
+    assert logprobs == pytest.approx(outputs[False][2], abs=ATOL)
+    assert_matches_eager(sharp, first + answer + more, tokens, logprobs)
+
+
+def test_n_choices_of_one_prompt_share_its_prefill(sharp):
+    [ids] = prompts(50)
+    engine = Engine(sharp, 4096).start()
+    try:
+
+        async def scenario():
+            streams = engine.submit_many([(ids, greedy(6, logprobs=0))] * 3)
+            return await asyncio.gather(*(collect(s) for s in streams)), streams
+
+        outs, streams = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    # admitted in one pass: the first computes the prompt's 3 full blocks, the others read them as it writes
+    assert [s.cached_tokens for s in streams] == [0, 48, 48]
+    assert outs[0] == outs[1] == outs[2]
+    assert_matches_eager(sharp, ids, outs[0][0], outs[0][1])
+
+
+def test_preemption_recomputes_and_changes_nothing(sharp):
+    """A pool too small for every running sequence to grow: the latest admitted are preempted, wait, and
+    are recomputed; greedy and seeded outputs are those of each request alone."""
+    ids = prompts(20, 24, 28, 33)
+    jobs = [(p, greedy(40, logprobs=0)) for p in ids[:2]]
+    jobs += [(p, SamplingParams(40, temperature=1.0, seed=7, logprobs=0)) for p in ids[2:]]
+    roomy = Engine(sharp, 4096).start()
+    try:
+        alone = [run(roomy, [job])[0][:3] for job in jobs]
+    finally:
+        roomy.shutdown()
+    # 11 usable blocks; each sequence ends up needing 4 (up to 73 tokens): at most two grow at once
+    engine = Engine(sharp, 4096, kv_budget_bytes=12 * roomy.bytes_per_block, prefix_caching=False).start()
+    try:
+        together = [r[:3] for r in run(engine, jobs)]
+        settle(engine)
+    finally:
+        engine.shutdown()
+    assert engine.preemptions > 0
+    for (tokens, logprobs, finish), (ref_tokens, ref_logprobs, ref_finish) in zip(together, alone, strict=True):
+        assert (tokens, finish) == (ref_tokens, ref_finish)
+        assert logprobs == pytest.approx(ref_logprobs, abs=ATOL)
+    assert engine.blocks.used == 0
+
+
+def test_cancelled_and_finished_requests_free_their_blocks(sharp):
+    ids = prompts(40, 60)
+    engine = Engine(sharp, 4096, prefix_caching=False).start()
+    try:
+
+        async def scenario():
+            long = engine.submit(ids[0], greedy(2000))
+            short = engine.submit(ids[1], greedy(3))
+            async for _ in long:
+                long.cancel()
+            return await collect(short)
+
+        tokens, _, finish = asyncio.run(scenario())
+        settle(engine)
+    finally:
+        engine.shutdown()
+    assert (len(tokens), finish) == (3, "length")
+    assert (engine.running, engine.blocks.used, engine.blocks.free) == (0, 0, engine.blocks.usable)
+
+
+def test_cached_blocks_are_evicted_least_recently_used_first(sharp):
+    a, b, c = prompts(33, 33, 33)
+    engine = Engine(sharp, 4096, kv_budget_bytes=10 * Engine(sharp, 64, kv_budget_bytes=1 << 20).bytes_per_block)
+    engine.start()
+    try:
+        [(ref_a, _, _, _)] = run(engine, [(a, greedy(4))])  # a's 2 full blocks cached
+        [(_, _, _, s)] = run(engine, [(a, greedy(4))])
+        assert s.cached_tokens == 32
+        run(engine, [(b, greedy(4))])  # b's 2 cached too; 9 usable blocks, 3 per sequence
+        run(engine, [(a, greedy(4))])  # a used again: b is now the least recently used
+        run(engine, [(c, greedy(80))])  # 112 tokens: 7 blocks, the 5 never cached, then b's two
+        settle(engine)
+        [(again, _, _, sa)] = run(engine, [(a, greedy(4))])
+        [(_, _, _, sb)] = run(engine, [(b, greedy(4))])
+    finally:
+        engine.shutdown()
+    assert engine.blocks.evictions > 0
+    assert (sb.cached_tokens, sa.cached_tokens) == (0, 32)
+    assert again == ref_a
+
+
+def test_the_pool_is_the_budget_in_whole_blocks_allocated_once(sharp):
+    probe = Engine(sharp, 4096, kv_budget_bytes=1 << 20)
+    per_block = probe.bytes_per_block
+    assert per_block == 2 * 2 * 4 * 16 * 4 * BS  # keys and values x layers x kv heads x head size x float32
+    engine = Engine(sharp, 4096, kv_budget_bytes=int(10.5 * per_block)).start()
+    storage = engine.pool.data.data_ptr()
+    try:
+        assert engine.pool.nbytes == 10 * per_block  # the budget, rounded down to whole blocks
+        assert engine.kv_budget_tokens == 9 * BS  # the null block pads block tables
+        for ids in prompts(20, 30, 45):
+            run(engine, [(ids, greedy(5))])
+        settle(engine)
+        assert engine.pool.data.data_ptr() == storage  # never reallocated, nor freed when idle
+        assert engine.blocks.used == 0
+    finally:
+        engine.shutdown()
+
+
+def test_what_never_fits_is_refused_and_what_fits_waits_for_blocks(sharp):
+    ids = prompts(30)[0]
+    per_block = Engine(sharp, 4096, kv_budget_bytes=1 << 20).bytes_per_block
+    engine = Engine(sharp, 4096, kv_budget_bytes=7 * per_block).start()  # 6 usable blocks: 96 tokens
+
+    async def scenario():
+        with pytest.raises(NeverFits, match="whole cache holds 96"):
+            engine.submit(ids, greedy(70))
+        streams = [engine.submit(ids, greedy(8)) for _ in range(5)]
+        return [await collect(s) for s in streams]
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert all(r == results[0] and len(r[0]) == 8 for r in results)
+
+
+def test_prompt_logprobs_are_computed_not_read_from_the_cache(sharp):
+    [ids] = prompts(50)
+    engine = Engine(sharp, 4096).start()
+    try:
+        first = run(engine, [(ids, greedy(2, prompt_logprobs=0))])[0][3]
+        second = run(engine, [(ids, greedy(2, prompt_logprobs=0))])[0][3]
+        third = run(engine, [(ids, greedy(2))])[0][3]
+    finally:
+        engine.shutdown()
+    assert (first.cached_tokens, second.cached_tokens, third.cached_tokens) == (0, 0, 48)
+    assert len(second.prompt_logprobs) == len(ids)
+    assert [lp and lp.logprob for lp in first.prompt_logprobs] == [lp and lp.logprob for lp in second.prompt_logprobs]
+
+
+def test_a_failed_prefill_leaves_nothing_in_the_prefix_cache(sharp):
+    [ids] = prompts(50)
+    engine = Engine(sharp, 4096).start()
+    real, calls = engine._forward, itertools.count()
+
+    def forward(batch, input_ids, position_ids, prefill):
+        if next(calls) == 0:
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return real(batch, input_ids, position_ids, prefill)
+
+    engine._forward = forward
+    try:
+        [(_, _, failed, _)] = run(engine, [(ids, greedy(4))])
+        [(tokens, logprobs, finish, stream)] = run(engine, [(ids, greedy(4, logprobs=0))])
+        settle(engine)
+    finally:
+        engine.shutdown()
+    assert failed == "error"
+    assert (stream.cached_tokens, finish, engine.blocks.used) == (0, "length", 0)
+    assert_matches_eager(sharp, ids, tokens, logprobs)
