@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, SECOND_KEY, wait_gauge
+from tests.conftest import API_KEY, SECOND_KEY, TEST_CONTEXT, served, wait_gauge
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.server
@@ -25,6 +25,19 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 def post(server, body, path="/v1/chat/completions", headers=AUTH) -> httpx.Response:
     return httpx.post(server.base_url + path, json=body, headers=headers, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    """The shared test server's settings in float32: the random model's top logits lie within ~0.01 of each
+    other, and in bf16 (what `auto` picks on CPUs with native bf16) two of them tie now and then, which
+    makes top_k=1 or min_p=1 keep two tokens where greedy takes the first."""
+    text = (
+        f"model:\n  id: {tiny_model_dir}\n  max_context_length: {TEST_CONTEXT}\n  dtype: float32\n"
+        "server:\n  cors_origins: ['http://example.test']\n"
+    )
+    with served(tmp_path_factory, "server-f32", text, ("--api-key", API_KEY, "--api-key", SECOND_KEY)) as srv:
+        yield srv
 
 
 def chat(server, **fields) -> dict:

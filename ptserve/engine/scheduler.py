@@ -123,6 +123,20 @@ class GenerationStream:
         except RuntimeError:  # the reader's event loop is gone: nobody will read on
             self.cancelled.set()
 
+    @staticmethod
+    def _publish_all(items: list[tuple[GenerationStream, int | None, str | None, TokenLogprob | None]]) -> None:
+        """A pass's outputs, one wake-up per reader's event loop (not one per row: each wake-up makes the
+        engine thread wait for the GIL while that loop runs)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for item in items:
+            by_loop.setdefault(item[0]._loop, []).append(item)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the readers' event loop is gone: nobody will read on
+                for stream, *_ in batch:
+                    stream.cancelled.set()
+
     def _publish_prompt_logprobs(self, logprobs: list[TokenLogprob | None]) -> None:
         # Queued on the reader's loop before the first token, so it is there when that arrives.
         try:
@@ -230,19 +244,26 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._busy = False
+        self._outbox: list = []  # this pass's outputs, published together at its end
         self.preemptions = 0
         self.dead: str | None = None  # why the engine stopped for good
 
     # -- public API ---------------------------------------------------------------------------------
     def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._loop, name="ptserve-engine", daemon=True)
-        self._thread.start()
+        """Run the engine on a thread of its own."""
+        threading.Thread(target=self.run, name="ptserve-engine", daemon=True).start()
         return self
+
+    def run(self) -> None:
+        """Run the engine on the calling thread until `shutdown()` (the worker calls it on the thread that
+        loaded the model: see `worker.on_engine_thread`)."""
+        self._thread = threading.current_thread()
+        self._loop()
 
     def shutdown(self) -> None:
         self._stopping = True
         self._waiting.put(None)
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
@@ -553,6 +574,8 @@ class Engine:
             row.decoding = True
             row.tokens.append(token)
             self._emit(row, token, logprob)
+        GenerationStream._publish_all(self._outbox)
+        self._outbox = []
 
     def _recover(self, exc: Exception) -> None:
         if isinstance(exc, torch.OutOfMemoryError) and self.device.type == "cuda":
@@ -601,7 +624,7 @@ class Engine:
             row.finish = "stop"
         elif row.generated >= row.budget:
             row.finish = "length"
-        row.stream._publish(None if row.finish in ("abort", "error") else token, row.finish, logprob)
+        self._outbox.append((row.stream, None if row.finish in ("abort", "error") else token, row.finish, logprob))
 
     @staticmethod
     def _finish(row: _Row, reason: str) -> None:
@@ -628,6 +651,12 @@ class Engine:
                 r.finish = "error"
                 r.stream.error = message
                 r.stream._publish(None, "error")
+
+
+def _deliver(items) -> None:
+    """On the readers' event loop: hand each stream its output."""
+    for stream, token_id, finish_reason, logprob in items:
+        stream._receive(token_id, finish_reason, logprob)
 
 
 def _has_varlen() -> bool:
