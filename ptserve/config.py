@@ -97,6 +97,7 @@ class ServerSettings(_Section):
     max_queued_requests: int = Field(256, ge=1)
     kv_cache_gb: float | None = Field(None, gt=0)
     prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before (system prompt, earlier turns)
+    compile_decode: bool = False  # decoding passes through torch.compile at bucketed shapes (CUDA graphs on CUDA)
 
     @field_validator("host")
     @classmethod

@@ -91,6 +91,7 @@ class Worker:
                 grammars=grammars,
                 vocab_limit=len(loaded.tokenizer),
                 prefix_caching=server.prefix_caching,
+                compile_decode=server.compile_decode,
             )
             return loaded, engine
 

@@ -68,7 +68,7 @@ def test_prefix_lookup_references_and_lru_eviction():
 
 # -- the engine on a sharpened tiny model --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sharp(tmp_path_factory):
+def sharp_dir(tmp_path_factory):
     """A tiny Phi-3.5 whose attention is sharp: at initialization scale it is nearly uniform, and a wrong
     key would hardly show."""
     from safetensors.torch import load_file, save_file
@@ -82,8 +82,25 @@ def sharp(tmp_path_factory):
         elif name == "lm_head.weight":
             tensor *= SHARPEN
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def load_sharp(path, **server):
     overrides = {("model", "id"): str(path), ("model", "dtype"): "float32", ("model", "max_context_length"): 4096}
+    overrides.update({("server", k): v for k, v in server.items()})
     return loader.load(load_config(None, environ={}, overrides=overrides)).model
+
+
+@pytest.fixture(scope="module")
+def sharp(sharp_dir):
+    return load_sharp(sharp_dir)
+
+
+@pytest.fixture(scope="module")
+def sharp_compilable(sharp_dir):
+    """Loaded as for server.compile_decode: float32 linears not re-packed for oneDNN (inductor cannot
+    lower that op; it does its own)."""
+    return load_sharp(sharp_dir, compile_decode=True)
 
 
 def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
@@ -335,3 +352,55 @@ def test_a_failed_prefill_leaves_nothing_in_the_prefix_cache(sharp):
     assert failed == "error"
     assert (stream.cached_tokens, finish, engine.blocks.used) == (0, "length", 0)
     assert_matches_eager(sharp, ids, tokens, logprobs)
+
+
+# -- graph-safe decode ---------------------------------------------------------------------------------
+def test_compiled_decode_answers_as_the_eager_engine(sharp_compilable):
+    sharp = sharp_compilable
+    ids = prompts(20, 27, 35)
+    jobs = [(p, greedy(n, logprobs=0)) for p, n in zip(ids, (24, 12, 18), strict=True)]  # rows leave early
+    answers = {}
+    for compiled in (False, True):
+        engine = Engine(sharp, 4096, compile_decode=compiled).start()
+        try:
+            answers[compiled] = [r[:3] for r in run(engine, jobs)]
+        finally:
+            engine.shutdown()
+    for (tokens, logprobs, finish), (ref_tokens, ref_logprobs, ref_finish) in zip(
+        answers[True], answers[False], strict=True
+    ):
+        assert (tokens, finish) == (ref_tokens, ref_finish)
+        assert logprobs == pytest.approx(ref_logprobs, abs=ATOL)
+
+
+def test_decode_step_compiles_once_per_bucket_and_never_again(sharp_compilable):
+    """The decoding pass traces whole (fullgraph, static shapes: no data-dependent branch, LongRoPE's
+    included) and, once each bucket of rows x blocks is compiled, 60 passes of other tokens, positions,
+    block tables and lengths, switching buckets, never recompile, and equal the eager pass."""
+    engine = Engine(sharp_compilable, 4096, compile_decode=True)  # not started: its decode step driven directly
+    gen = torch.Generator().manual_seed(3)
+    owned = engine.blocks.allocate(32)
+    engine.pool.data.normal_(generator=gen)  # any finite keys and values
+
+    def inputs(rows: int, width: int):
+        lens = torch.randint(1, width * BS + 1, (rows,), generator=gen)
+        tables = torch.full((rows, width), NULL_BLOCK)
+        for r, n in enumerate(lens.tolist()):
+            picked = torch.randperm(len(owned), generator=gen)[: -(-n // BS)]
+            tables[r, : len(picked)] = torch.tensor(owned)[picked]
+        positions = lens - 1
+        slots = tables.gather(1, (positions // BS).unsqueeze(1)).squeeze(1) * BS + positions % BS
+        ids = torch.randint(100, 30000, (1, rows), generator=gen)
+        return ids, positions.unsqueeze(0), slots, tables, lens
+
+    buckets = [(4, 2), (1, 4), (8, 2)]
+    with torch.inference_mode():
+        for rows, width in buckets:  # warm-up: one compilation per bucket
+            engine._decode(*inputs(rows, width))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(60):
+                args = inputs(*buckets[step % len(buckets)])
+                compiled = engine._decode(*args)
+                eager = engine._decode_step(*args)
+                assert compiled.shape == (args[0].shape[1], TinyShape().hidden)
+                torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

@@ -72,18 +72,6 @@ class Segment:
     mask: torch.Tensor | None  # [q, kv] bool, None when start == 0 (plain causal)
 
 
-@dataclass
-class SingleGroup:
-    """Up to GROUP rows with one new token each (decoding), attended in one padded SDPA call: their
-    blocks gathered (`index` into the pool's blocks, `width` per row) and masked to each row's length."""
-
-    start: int  # first of the group's rows among the batch's one-token rows
-    end: int
-    index: torch.Tensor  # [rows * width] long: the blocks, row after row, padded with the null block
-    width: int
-    mask: torch.Tensor  # [rows, 1, 1, width * block_size] bool
-
-
 # Decoding rows per gather + SDPA call on the CPU: a group's keys stay in the cache between the two (one
 # call for 64 rows of ~110 tokens took 12.6 ms, 16 calls of 4 rows 2.7 ms, bench512's attention shape).
 GROUP = 4
@@ -96,7 +84,8 @@ class PagedBatch:
     pool: KVPool
     slots: torch.Tensor  # [T] long: the pool slot (block * block_size + offset) of each new token
     single_idx: torch.Tensor | None  # [S] long: batch positions of the rows with one new token (None: all)
-    singles: list[SingleGroup]
+    single_tables: torch.Tensor | None  # [S, W] long: their blocks, padded with the null block
+    single_mask: torch.Tensor | None  # [S, 1, 1, W * block_size] bool: each row's own tokens
     segments: list[Segment]
     # FlashAttention's varlen layout (CUDA only), every row in batch order
     cu_seq_q: torch.Tensor | None = None
@@ -128,7 +117,7 @@ class PagedBatch:
                     mask = j <= start + t
                 segments.append(Segment(q, q + n, start, torch.tensor(used, device=device), mask))
             q += n
-        batch = cls(pool, torch.tensor(slots, device=device), None, [], segments)
+        batch = cls(pool, torch.tensor(slots, device=device), None, None, None, segments)
         if use_varlen:
             lens = [n for _, n, _ in rows]
             ends = [s + n for s, n, _ in rows]
@@ -147,15 +136,30 @@ class PagedBatch:
         elif single:
             if len(single) < q:
                 batch.single_idx = torch.tensor(single, device=device)
-            for start in range(0, len(single), GROUP):
-                tables, lens = single_tables[start : start + GROUP], single_lens[start : start + GROUP]
-                width = max(len(t) for t in tables)
-                index = [b for t in tables for b in t + [NULL_BLOCK] * (width - len(t))]
-                j = torch.arange(width * bs, device=device)
-                mask = (j < torch.tensor(lens, device=device).unsqueeze(1)).view(len(tables), 1, 1, -1)
-                group = SingleGroup(start, start + len(tables), torch.tensor(index, device=device), width, mask)
-                batch.singles.append(group)
+            width = max(len(t) for t in single_tables)
+            tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in single_tables], device=device)
+            batch.single_tables = tables
+            batch.single_mask = _length_mask(torch.tensor(single_lens, device=device), width * bs)
         return batch
+
+    @classmethod
+    def decode(cls, pool: KVPool, slots, tables, lens, use_varlen: bool = False) -> PagedBatch:
+        """A pass of rows with one new token each, from tensors only (traceable: `engine.DecodeStep`
+        compiles it). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
+        with the new one."""
+        batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
+        if use_varlen:
+            rows = tables.shape[0]
+            batch.cu_seq_q = torch.arange(rows + 1, dtype=torch.int32, device=slots.device)
+            batch.seqused_k = lens.to(torch.int32)
+            batch.block_table = tables.to(torch.int32)
+            batch.max_q, batch.max_k = 1, tables.shape[1] * pool.block_size
+        return batch
+
+
+def _length_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
+    """[S] lengths -> [S, 1, 1, width] bool: position j holds one of the row's tokens."""
+    return (torch.arange(width, device=lens.device) < lens.unsqueeze(1)).view(-1, 1, 1, width)
 
 
 def _write(batch: PagedBatch, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -175,19 +179,21 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
     gqa = heads != data.shape[4]
     dtype = data.dtype
     q = query[0].to(dtype)  # [H, T, D]
-    out = torch.empty((total, heads, query.shape[-1]), dtype=dtype, device=query.device)
+    everyone = batch.single_idx is None and not batch.segments  # a decoding pass: all rows one token, in order
+    out = None if everyone else torch.empty((total, heads, query.shape[-1]), dtype=dtype, device=query.device)
     kvh, size = data.shape[4], data.shape[5]
     k_blocks, v_blocks = data[layer, 0].flatten(1), data[layer, 1].flatten(1)  # [blocks, bs * kvh * D]
-    if batch.singles:
-        everyone = batch.single_idx is None  # a decoding pass: the batch is the one-token rows, in order
+    if batch.single_tables is not None:
         qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
         os = qs.new_empty(qs.shape)
-        for g in batch.singles:
-            rows = g.end - g.start
-            k = k_blocks.index_select(0, g.index).view(rows, -1, kvh, size).transpose(1, 2)  # [g, kvh, L, D]
-            v = v_blocks.index_select(0, g.index).view(rows, -1, kvh, size).transpose(1, 2)
-            os[g.start : g.end] = F.scaled_dot_product_attention(
-                qs[g.start : g.end], k, v, attn_mask=g.mask, scale=scaling, enable_gqa=gqa
+        tables, mask = batch.single_tables, batch.single_mask
+        for start in range(0, tables.shape[0], GROUP):
+            index = tables[start : start + GROUP].reshape(-1)
+            rows = min(GROUP, tables.shape[0] - start)
+            k = k_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)  # [g, kvh, L, D]
+            v = v_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)
+            os[start : start + rows] = F.scaled_dot_product_attention(
+                qs[start : start + rows], k, v, attn_mask=mask[start : start + rows], scale=scaling, enable_gqa=gqa
             )
         if everyone:
             out = os.squeeze(2)
@@ -247,13 +253,10 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.to(query.dtype).unsqueeze(0), None
 
 
-# A 4D mask is passed through by transformers' mask builder untouched: the engine's passes use it so no
-# mask is built (the attention above reads the layout from `paged=`).
-NO_MASK = torch.zeros((1, 1, 1, 1), dtype=torch.bool)
-
-
 def install(model: torch.nn.Module) -> None:
-    """Make `model` attend with `paged_attention` (transformers' SDPA when not called by the engine)."""
+    """Make `model` attend with `paged_attention` (transformers' SDPA when not called by the engine). The
+    engine passes a 4D placeholder as attention_mask: transformers' mask builder returns a 4D mask as it
+    is, so none is built, and the attention above reads the layout from `paged=` instead."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 

@@ -182,12 +182,11 @@ def sample(
     if any(params[i].top_k > 0 for i in rows):
         scaled = top_k_filter(scaled, [params[i].top_k for i in rows])
     probs = torch.softmax(scaled, dim=-1)
-    top_ps = torch.tensor([params[i].top_p for i in rows], device=logits.device)
-    if (top_ps < 1.0).any():
-        probs = top_p_filter(probs, top_ps)
-    min_ps = torch.tensor([params[i].min_p for i in rows], device=logits.device)
-    if (min_ps > 0.0).any():
-        probs = min_p_filter(probs, min_ps)
+    # Which filters apply is read from the settings, not from tensors: no device-to-host sync.
+    if any(params[i].top_p < 1.0 for i in rows):
+        probs = top_p_filter(probs, torch.tensor([params[i].top_p for i in rows], device=logits.device))
+    if any(params[i].min_p > 0.0 for i in rows):
+        probs = min_p_filter(probs, torch.tensor([params[i].min_p for i in rows], device=logits.device))
     uniforms = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in rows])
     out[rows] = draw(probs, uniforms)
     return out
@@ -201,11 +200,9 @@ def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     target = (uniforms.double() * cdf[:, -1]).unsqueeze(-1)  # [R, 1], below each row's total
     picked = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
     # right=True: the first index whose cumulative mass exceeds the target, so never a zero-mass token;
-    # should rounding still land there, take the row's most likely token instead.
+    # should rounding still land there, take the row's most likely token instead (no host sync to ask).
     zero = probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1) <= 0
-    if bool(zero.any()):
-        picked = torch.where(zero, probs.argmax(dim=-1), picked)
-    return picked
+    return torch.where(zero, probs.argmax(dim=-1), picked)
 
 
 def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ptserve.engine import paged
-from ptserve.engine.blocks import ROOT_KEY, BlockManager, block_keys
+from ptserve.engine.blocks import NULL_BLOCK, ROOT_KEY, BlockManager, block_keys
 from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.hostmem import release_host_memory
 from ptserve.engine.paged import KVPool, PagedBatch
@@ -204,6 +204,7 @@ class Engine:
         vocab_limit: int | None = None,
         block_size: int = BLOCK_SIZE,
         prefix_caching: bool = True,
+        compile_decode: bool = False,
     ):
         self.model = model
         self.grammars = grammars
@@ -233,6 +234,12 @@ class Engine:
         self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
         self.use_varlen = self.device.type == "cuda" and _has_varlen()
         paged.install(model)
+        self._no_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
+        # Passes of decoding rows only, at bucketed shapes, compiled once per bucket (CUDA graphs on CUDA).
+        self._decode = None
+        if compile_decode:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode)
         self.vocab_size = cfg.vocab_size
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
@@ -532,6 +539,8 @@ class Engine:
             self._fail_rows([r for r, _ in plan if r.finish is None], f"{type(exc).__name__}: {exc}")
 
     def _pass(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
+        if self._decode is not None and all(r.decoding and n == 1 for r, n in plan):
+            return self._bucketed_decode(plan)
         ids, positions = [], []
         for row, n in plan:
             ids += row.tokens[row.computed : row.computed + n]
@@ -546,11 +555,47 @@ class Engine:
         out = self._base(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=paged.NO_MASK,
+            attention_mask=self._no_mask,
             use_cache=False,
             paged=batch,
         )
         return out.last_hidden_state
+
+    def _bucketed_decode(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
+        """A pass of decoding rows padded to a bucket of rows and of blocks per row (powers of two), so the
+        compiled step sees a few fixed shapes: padded rows write to the null block and read one token of it
+        (what they compute is dropped; real rows never read past their own length)."""
+        bs, rows = self.block_size, len(plan)
+        width = _bucket(max(r.computed // bs + 1 for r, _ in plan))
+        size = _bucket(rows)
+        ids = [r.tokens[r.computed] for r, _ in plan] + [0] * (size - rows)
+        positions = [r.computed for r, _ in plan] + [0] * (size - rows)
+        slots = [r.blocks[r.computed // bs] * bs + r.computed % bs for r, _ in plan] + [0] * (size - rows)
+        tables = [r.blocks[: r.computed // bs + 1] for r, _ in plan]
+        tables = [t + [NULL_BLOCK] * (width - len(t)) for t in tables] + [[NULL_BLOCK] * width] * (size - rows)
+        lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
+        device = self.device
+        hidden = self._decode(
+            torch.tensor([ids], device=device),
+            torch.tensor([positions], device=device),
+            torch.tensor(slots, device=device),
+            torch.tensor(tables, device=device),
+            torch.tensor(lens, device=device),
+        )
+        return hidden[:rows]
+
+    def _decode_step(self, input_ids, position_ids, slots, tables, lens) -> torch.Tensor:
+        """One decoding pass from tensors only (what torch.compile traces): [1, B] ids and positions, [B]
+        slots, [B, W] block tables, [B] lengths -> hidden states [B, H]."""
+        batch = PagedBatch.decode(self.pool, slots, tables, lens, self.use_varlen)
+        out = self._base(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=self._no_mask,
+            use_cache=False,
+            paged=batch,
+        )
+        return out.last_hidden_state[0]
 
     def _advance(self, plan: list[tuple[_Row, int]], hidden: torch.Tensor) -> None:
         offset = 0
@@ -651,6 +696,11 @@ class Engine:
                 r.finish = "error"
                 r.stream.error = message
                 r.stream._publish(None, "error")
+
+
+def _bucket(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _deliver(items) -> None:
