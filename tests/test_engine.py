@@ -287,14 +287,14 @@ def test_the_pool_is_the_budget_in_whole_blocks_allocated_once(sharp):
     per_block = probe.bytes_per_block
     assert per_block == 2 * 2 * 4 * 16 * 4 * BS  # keys and values x layers x kv heads x head size x float32
     engine = Engine(sharp, 4096, kv_budget_bytes=int(10.5 * per_block)).start()
-    storage = engine.pool.data.data_ptr()
+    storage = [t.data_ptr() for t in engine.pool.keys + engine.pool.values]
     try:
         assert engine.pool.nbytes == 10 * per_block  # the budget, rounded down to whole blocks
         assert engine.kv_budget_tokens == 9 * BS  # the null block pads block tables
         for ids in prompts(20, 30, 45):
             run(engine, [(ids, greedy(5))])
         settle(engine)
-        assert engine.pool.data.data_ptr() == storage  # never reallocated, nor freed when idle
+        assert [t.data_ptr() for t in engine.pool.keys + engine.pool.values] == storage  # never reallocated
         assert engine.blocks.used == 0
     finally:
         engine.shutdown()
@@ -380,7 +380,8 @@ def test_decode_step_compiles_once_per_bucket_and_never_again(sharp_compilable):
     engine = Engine(sharp_compilable, 4096, compile_decode=True)  # not started: its decode step driven directly
     gen = torch.Generator().manual_seed(3)
     owned = engine.blocks.allocate(32)
-    engine.pool.data.normal_(generator=gen)  # any finite keys and values
+    for t in engine.pool.keys + engine.pool.values:
+        t.normal_(generator=gen)  # any finite keys and values
 
     def inputs(rows: int, width: int):
         lens = torch.randint(1, width * BS + 1, (rows,), generator=gen)

@@ -1,8 +1,7 @@
 """The KV pool's memory and the attention that reads it, plugged into transformers' model code.
 
-`KVPool` is one tensor allocated once, at start, from the KV budget:
-[layers, 2 (keys, values), blocks, block_size, kv_heads, head_dim]. `blocks.BlockManager` decides which
-block holds what.
+`KVPool` is allocated once, at start, from the KV budget: per layer, keys and values of
+[blocks, block_size, kv_heads, head_dim]. `blocks.BlockManager` decides which block holds what.
 
 A forward pass runs the model over one ragged batch: every scheduled row's new tokens side by side,
 input_ids [1, T], each token at its own position. The model's code stays transformers' own: only its
@@ -40,11 +39,20 @@ ATTENTION = "ptserve_paged"
 
 
 class KVPool:
+    """Keys and values of every layer: 2 x layers tensors of [blocks, block_size, kv_heads, head_dim],
+    allocated once. One tensor per layer and kind, not one for all: torch.compile updates a whole graph
+    input in place, but a slice of a larger one it copies whole at every call (a 1 GB pool: 236 ms per
+    pass)."""
+
     def __init__(self, num_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device):
-        self.block_size = block_size
-        shape = (num_layers, 2, num_blocks, block_size, kv_heads, head_dim)
-        self.data = torch.empty(shape, dtype=dtype, device=device)  # untouched pages cost nothing on the CPU
-        self.data[:, :, NULL_BLOCK].zero_()
+        self.block_size, self.kv_heads, self.head_dim = block_size, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # torch.empty: on the CPU, pages nobody touched cost nothing
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for t in self.keys + self.values:
+            t[NULL_BLOCK].zero_()
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, kv_heads, head_dim, dtype) -> int:
@@ -52,12 +60,14 @@ class KVPool:
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def zero(self, blocks: list[int]) -> None:
         """Zero blocks whose memory was never written (it may hold NaNs, which a masked read would spread)."""
         if blocks:
-            self.data[:, :, torch.tensor(blocks, device=self.data.device)] = 0
+            index = torch.tensor(blocks, device=self.device)
+            for t in self.keys + self.values:
+                t.index_fill_(0, index, 0)
 
 
 @dataclass
@@ -97,7 +107,7 @@ class PagedBatch:
     @classmethod
     def build(cls, pool: KVPool, rows: list[tuple[int, int, list[int]]], use_varlen: bool) -> PagedBatch:
         """rows: (start, new tokens, block table) per row, in batch order."""
-        device, bs = pool.data.device, pool.block_size
+        device, bs = pool.device, pool.block_size
         slots, single, single_tables, single_lens, segments = [], [], [], [], []
         q = 0
         for start, n, table in rows:
@@ -164,25 +174,22 @@ def _length_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
 
 def _write(batch: PagedBatch, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     """key/value [1, kv_heads, T, D] into their slots of `layer`."""
-    data = batch.pool.data
-    flat = data.shape[2] * data.shape[3]
-    k_pool = data[layer, 0].view(flat, data.shape[4], data.shape[5])
-    v_pool = data[layer, 1].view(flat, data.shape[4], data.shape[5])
-    k_pool.index_copy_(0, batch.slots, key[0].transpose(0, 1).to(data.dtype))
-    v_pool.index_copy_(0, batch.slots, value[0].transpose(0, 1).to(data.dtype))
+    pool = batch.pool
+    for store, new in ((pool.keys[layer], key), (pool.values[layer], value)):
+        store.view(-1, pool.kv_heads, pool.head_dim).index_copy_(0, batch.slots, new[0].transpose(0, 1).to(pool.dtype))
 
 
 def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> torch.Tensor:
     """Attention for every row of the batch without FlashAttention. query [1, H, T, D] -> [T, H, D]."""
-    data = batch.pool.data
+    pool = batch.pool
     heads, total = query.shape[1], query.shape[2]
-    gqa = heads != data.shape[4]
-    dtype = data.dtype
+    gqa = heads != pool.kv_heads
+    dtype = pool.dtype
     q = query[0].to(dtype)  # [H, T, D]
     everyone = batch.single_idx is None and not batch.segments  # a decoding pass: all rows one token, in order
     out = None if everyone else torch.empty((total, heads, query.shape[-1]), dtype=dtype, device=query.device)
-    kvh, size = data.shape[4], data.shape[5]
-    k_blocks, v_blocks = data[layer, 0].flatten(1), data[layer, 1].flatten(1)  # [blocks, bs * kvh * D]
+    kvh, size = pool.kv_heads, pool.head_dim
+    k_blocks, v_blocks = pool.keys[layer].flatten(1), pool.values[layer].flatten(1)  # [blocks, bs * kvh * D]
     if batch.single_tables is not None:
         qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
         os = qs.new_empty(qs.shape)
@@ -217,19 +224,19 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
 def _varlen_rows(batch: PagedBatch, layer: int, query, scaling) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    data = batch.pool.data
-    q = query[0].transpose(0, 1).to(data.dtype)  # [T, H, D]
+    pool = batch.pool
+    q = query[0].transpose(0, 1).to(pool.dtype)  # [T, H, D]
     return varlen_attn(
         q,
-        data[layer, 0],
-        data[layer, 1],
+        pool.keys[layer],
+        pool.values[layer],
         batch.cu_seq_q,
         None,
         batch.max_q,
         batch.max_k,
         scale=scaling,
         window_size=(-1, 0),
-        enable_gqa=q.shape[1] != data.shape[4],
+        enable_gqa=q.shape[1] != pool.kv_heads,
         seqused_k=batch.seqused_k,
         block_table=batch.block_table,
         num_splits=1,
