@@ -149,7 +149,8 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
     model.eval()
     max_context = context_length(config, model.config)
     rope.pin_longrope(model, max_context)
-    packable = device.type == "cpu" and quant is None and model.dtype == torch.float32 and cpu_linear.available()
+    packable = device.type == "cpu" and quant is None and model.dtype in cpu_linear.PACKED_DTYPES
+    packable = packable and cpu_linear.available()
     if packable and not config.server.compile_decode:  # torch.compile cannot lower the packed op
         logger.info("packed %d linear layers for oneDNN", cpu_linear.pack_linears(model))
     tokenizer = load_tokenizer(config)
