@@ -12,5 +12,5 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     "${PLATFORMS[@]}" -d .whl \
     litserve==0.2.19 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 \
     annotated-types==0.8.0 typing-inspection==0.4.5 pyzmq==27.3.0 bitsandbytes==0.50.2 llguidance==1.9.1 \
-    opentelemetry-api==1.45.2
+    opentelemetry-api==1.45.2 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments==2.21.0
 du -sh .whl

@@ -15,6 +15,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 dest=${OUT:-bench/out}
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' || echo cpu)
 nvidia-smi || true
+# The GPU-only tests first (tests/test_gpu.py: the varlen kernel, CUDA graphs), then the benchmark.
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$dest/gpu-tests.log" || true
 python3 bench/serve.py --shape phi35 --prompt-tokens 256 --max-tokens 256 --levels "${LEVELS:-1,16,64}" \
     --quantization "${QUANT:-none,4bit,8bit}" --peer "${PEER:-none}" --out "$dest/gpu-${card:-cpu}.json" \
     2>&1 | tee "$dest/gpu-bench.log"

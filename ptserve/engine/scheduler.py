@@ -39,6 +39,7 @@ start, from the KV budget (blocks.py, paged.py).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import queue
@@ -710,8 +711,11 @@ def _deliver(items) -> None:
 
 
 def _has_varlen() -> bool:
+    """FlashAttention's varlen kernel with a paged pool (torch 2.13: block_table, seqused_k, num_splits);
+    older torch builds lack the paged arguments and take the SDPA path."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return False
-    return True
+    params = inspect.signature(varlen_attn).parameters
+    return all(name in params for name in ("block_table", "seqused_k", "num_splits"))

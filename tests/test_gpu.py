@@ -1,0 +1,143 @@
+"""GPU only (marked `gpu`, skipped without CUDA; bench/gpu.sh runs them with the benchmark): the paths the
+CPU never takes. FlashAttention's variable-length kernel reading the KV pool through block tables gives
+what the CPU path (gathered blocks, SDPA) gives, for decoding rows, prompt chunks and cached prefixes in
+one pass; the engine answers the same either way; the compiled decoding pass (CUDA graphs) equals the
+eager one and never recompiles once its buckets are warm."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from ptserve.engine import paged
+from ptserve.engine.sampling import SamplingParams
+from ptserve.engine.scheduler import Engine
+from ptserve.tinymodel import TinyShape, build
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+ATOL = 2e-2  # bf16
+
+
+@pytest.fixture(scope="module")
+def cuda_model(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    # head size 96, as Phi-3.5-mini's: FlashAttention's kernels are picked by head size
+    path = build(tmp_path_factory.mktemp("gpu-tiny"), TinyShape(hidden=384, heads=4, intermediate=512))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    paged.install(model)
+    return model
+
+
+def hidden(model, pool, rows, ids, positions, varlen: bool):
+    batch = paged.PagedBatch.build(pool, rows, use_varlen=varlen)
+    mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device="cuda")
+    with torch.inference_mode():
+        out = model.model(
+            input_ids=torch.tensor([ids], device="cuda"),
+            position_ids=torch.tensor([positions], device="cuda"),
+            attention_mask=mask,
+            use_cache=False,
+            paged=batch,
+        )
+    return out.last_hidden_state[0].float()
+
+
+def test_varlen_kernel_equals_the_gathered_sdpa_path(cuda_model):
+    cfg = cuda_model.config
+    head = cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(100, 30000, (n,), generator=gen).tolist() for n in (40, 33, 70))
+    results = []
+    for varlen in (True, False):
+        pool = paged.KVPool(cfg.num_hidden_layers, 64, 16, cfg.num_key_value_heads, head, torch.bfloat16, "cuda")
+        ta, tb, tc = list(range(1, 5)), list(range(5, 9)), list(range(9, 15))
+        for t in pool.keys + pool.values:
+            t.zero_()
+        # pass 1: a and b from position 0; pass 2: a and b decode, c's prompt chunk after a 32-token prefix
+        # that pass 1 wrote into c's first blocks (a cached prefix: c shares a's first two blocks)
+        tc = ta[:2] + tc[2:]
+        c = a[:32] + c[32:]
+        first = hidden(cuda_model, pool, [(0, 40, ta), (0, 33, tb)], a + b, [*range(40), *range(33)], varlen)
+        second = hidden(
+            cuda_model,
+            pool,
+            [(40, 1, ta), (33, 1, tb), (32, 38, tc)],
+            [a[-1], b[-1], *c[32:]],
+            [40, 33, *range(32, 70)],
+            varlen,
+        )
+        results.append((first, second))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=ATOL, rtol=ATOL)
+
+
+def run(engine, jobs):
+    async def one(ids, params):
+        tokens, logprobs = [], []
+        async for out in engine.submit(ids, params):
+            tokens += out.token_ids
+            logprobs += [lp.logprob for lp in out.logprobs or []]
+        return tokens, logprobs
+
+    async def scenario():
+        return await asyncio.gather(*(one(ids, p) for ids, p in jobs))
+
+    return asyncio.run(scenario())
+
+
+def test_engine_answers_alike_with_the_varlen_kernel_and_with_cuda_graphs(cuda_model):
+    gen = torch.Generator().manual_seed(1)
+    jobs = [
+        (torch.randint(100, 30000, (n,), generator=gen).tolist(), SamplingParams(m, temperature=0.0, logprobs=0))
+        for n, m in ((20, 24), (45, 12), (70, 18))
+    ]
+    answers = []
+    for varlen, compiled in ((False, False), (True, False), (True, True)):
+        engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, compile_decode=compiled)
+        engine.use_varlen = varlen and engine.use_varlen
+        engine.start()
+        try:
+            answers.append(run(engine, jobs))
+        finally:
+            engine.shutdown()
+    for other in answers[1:]:
+        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(other, answers[0], strict=True):
+            # bf16: a near tie may flip a token; compare up to the first difference
+            same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens, strict=True)) if x != y), len(tokens))
+            assert same >= len(tokens) // 2
+            assert logprobs[:same] == pytest.approx(ref_logprobs[:same], abs=0.1)
+
+
+def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
+    engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, compile_decode=True)
+    gen = torch.Generator().manual_seed(2)
+    owned = engine.blocks.allocate(32)
+
+    def inputs(rows: int, width: int):
+        lens = torch.randint(1, width * 16 + 1, (rows,), generator=gen)
+        tables = torch.zeros((rows, width), dtype=torch.long)
+        for r, n in enumerate(lens.tolist()):
+            picked = torch.randperm(len(owned), generator=gen)[: -(-n // 16)]
+            tables[r, : len(picked)] = torch.tensor(owned)[picked]
+        positions = lens - 1
+        slots = tables.gather(1, (positions // 16).unsqueeze(1)).squeeze(1) * 16 + positions % 16
+        ids = torch.randint(100, 30000, (1, rows), generator=gen)
+        return [t.to("cuda") for t in (ids, positions.unsqueeze(0), slots, tables, lens)]
+
+    buckets = [(4, 2), (1, 4), (8, 2)]
+    with torch.inference_mode():
+        for rows, width in buckets:
+            engine._decode(*inputs(rows, width))
+            engine._decode(*inputs(rows, width))  # CUDA graphs record on a later call
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(60):
+                args = inputs(*buckets[step % len(buckets)])
+                compiled = engine._decode(*args).float()
+                eager = engine._decode_step(*args).float()
+                torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=ATOL)
