@@ -113,14 +113,30 @@ class Server:
         raise RuntimeError(f"{self.name} not ready after {self.start_timeout}s")
 
     def memory(self) -> dict:
-        """The server's GPU memory now (nvidia-smi, all its processes) and its model's footprint (ptserve
-        logs it); None where there is no GPU or no such line."""
-        out: dict = {"gpu_memory_mb": None, "model_footprint_mb": None}
+        """The server's GPU memory now (nvidia-smi, all its processes), the peak RSS of its processes (the
+        sum of each one's high-water mark, VmHWM), its model's footprint (ptserve logs it) and its KV pool
+        (ptserve's /metrics); None where there is no GPU or no such figure."""
+        out: dict = {"gpu_memory_mb": None, "model_footprint_mb": None, "rss_peak_mb": None, "kv_pool_mb": None}
         found = re.findall(r"loaded: ([0-9.]+) MB", Path(self.log.name).read_text(errors="replace"))
         if found:
             out["model_footprint_mb"] = float(found[-1])
+        pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        peaks = []
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            peaks += [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
+        out["rss_peak_mb"] = round(sum(peaks) / 1024, 1) if peaks else None
         try:
-            pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+            metrics = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
+            gauge = "ptserve_kv_cache_pool_bytes{"
+            pool = [float(ln.split()[-1]) for ln in metrics.splitlines() if ln.startswith(gauge)]
+            out["kv_pool_mb"] = round(sum(pool) / 1e6, 1) if pool else None
+        except httpx.HTTPError:
+            pass
+        try:
             apps = subprocess.run(
                 ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                 capture_output=True,
