@@ -318,6 +318,25 @@ def test_what_never_fits_is_refused_and_what_fits_waits_for_blocks(sharp):
     assert all(r == results[0] and len(r[0]) == 8 for r in results)
 
 
+def test_a_request_that_needs_the_whole_pool_runs_once_it_is_alone(sharp):
+    """Blocks are kept back for running rows to grow into when admitting, but not when nothing runs: a
+    request that needs every block of the pool would otherwise wait for ever."""
+    small, whole = prompts(10, 90)
+    per_block = Engine(sharp, 4096, kv_budget_bytes=1 << 20).bytes_per_block
+    engine = Engine(sharp, 4096, kv_budget_bytes=7 * per_block, prefix_caching=False).start()  # 6 usable
+
+    async def scenario():
+        first = engine.submit(small, greedy(20))
+        last = engine.submit(whole, greedy(6))  # 96 tokens: all 6 blocks
+        return await asyncio.wait_for(asyncio.gather(collect(first), collect(last)), 60)
+
+    try:
+        (a, _, fa), (b, _, fb) = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert (len(a), fa, len(b), fb) == (20, "length", 6, "length")
+
+
 def test_prompt_logprobs_are_computed_not_read_from_the_cache(sharp):
     [ids] = prompts(50)
     engine = Engine(sharp, 4096).start()

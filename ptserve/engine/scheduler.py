@@ -413,7 +413,9 @@ class Engine:
             pending = len(row.tokens) - computed
             n = min(pending, prefill_budget)
             need = -(-(computed + n) // self.block_size) - len(hit)
-            fresh = self.blocks.allocate(need) if self.blocks.free - need >= self.watermark else None
+            # keep a few blocks for running rows to grow into; with none running, the whole pool may go
+            reserve = self.watermark if self._rows else 0
+            fresh = self.blocks.allocate(need) if self.blocks.free - need >= reserve else None
             if fresh is None:
                 self.blocks.release(hit)
                 return  # it waits for blocks to be freed
