@@ -233,7 +233,8 @@ class Engine:
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, self.kv_dtype, self.device)
         self.kv_budget_tokens = self.blocks.usable * block_size
         self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
-        self.use_varlen = self.device.type == "cuda" and _has_varlen()
+        half = self.kv_dtype in (torch.float16, torch.bfloat16)  # FlashAttention computes in 16 bits only
+        self.use_varlen = self.device.type == "cuda" and half and _has_varlen()
         paged.install(model)
         self._no_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         # Passes of decoding rows only, at bucketed shapes, compiled once per bucket (CUDA graphs on CUDA).
