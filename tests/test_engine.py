@@ -373,6 +373,30 @@ def test_a_failed_prefill_leaves_nothing_in_the_prefix_cache(sharp):
     assert_matches_eager(sharp, ids, tokens, logprobs)
 
 
+def test_a_failed_pass_forgets_only_what_it_offered_the_cache(sharp):
+    """A request whose pass fails takes its own new blocks out of the prefix cache, not the cached prefix
+    it was reusing (the system prompt of everyone else)."""
+    shared, tail = prompts(40, 30)
+    engine = Engine(sharp, 4096).start()
+    real, calls = engine._forward, itertools.count()
+
+    def forward(batch, input_ids, position_ids, prefill):
+        if next(calls) == 1:  # the first request's one pass runs (it wants one token); the second's fails
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return real(batch, input_ids, position_ids, prefill)
+
+    engine._forward = forward
+    try:
+        [(_, _, first, _)] = run(engine, [(shared, greedy(1))])
+        [(_, _, failed, s1)] = run(engine, [(shared + tail, greedy(4))])
+        [(_, _, _, s2)] = run(engine, [(shared + tail, greedy(4))])
+        settle(engine)
+    finally:
+        engine.shutdown()
+    assert (first, failed) == ("length", "error")
+    assert (s1.cached_tokens, s2.cached_tokens) == (32, 32)  # the shared 2 blocks; the failed tail forgotten
+
+
 # -- graph-safe decode ---------------------------------------------------------------------------------
 def test_compiled_decode_answers_as_the_eager_engine(sharp_compilable):
     sharp = sharp_compilable

@@ -274,3 +274,34 @@ def install(model: torch.nn.Module) -> None:
         config = getattr(module, "config", None)
         if config is not None and config is not model.config and hasattr(config, "_attn_implementation"):
             config._attn_implementation = ATTENTION
+
+
+def varlen_works(device, dtype, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:
+    """Whether FlashAttention's varlen kernel runs here with this pool layout and agrees with the SDPA path:
+    a decoding row, a prompt from position 0 and a chunk after a shared cached block, one pass, both ways.
+    Anything else (an older GPU, a kernel that refuses the block size, a torch without the paged arguments)
+    takes the SDPA path instead of failing every pass."""
+    if torch.cuda.get_device_capability(device) < (8, 0):  # FlashAttention 2 wants Ampere or newer
+        logger.info("FlashAttention's varlen kernel needs compute capability 8.0: SDPA over gathered blocks")
+        return False
+    try:
+        pool = KVPool(1, 4, block_size, kv_heads, head_dim, dtype, device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        for store in pool.keys + pool.values:
+            store.normal_(generator=gen)
+        rows = [(5, 1, [1]), (0, 3, [2]), (block_size, 3, [1, 3])]
+        total = sum(n for _, n, _ in rows)
+        q = torch.randn((1, heads, total, head_dim), generator=gen, device=device, dtype=dtype)
+        k = torch.randn((1, kv_heads, total, head_dim), generator=gen, device=device, dtype=dtype)
+        v = torch.randn((1, kv_heads, total, head_dim), generator=gen, device=device, dtype=dtype)
+        layer = type("Layer", (), {"layer_idx": 0})()
+        scale = head_dim**-0.5
+        fast, _ = paged_attention(layer, q, k, v, None, scale, paged=PagedBatch.build(pool, rows, True))
+        slow, _ = paged_attention(layer, q, k, v, None, scale, paged=PagedBatch.build(pool, rows, False))
+        agree = torch.allclose(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
+    except Exception as exc:  # the kernel refused: say why, serve on the SDPA path
+        logger.warning("FlashAttention's varlen kernel is unusable here (%s): SDPA over gathered blocks", exc)
+        return False
+    if not agree:
+        logger.warning("FlashAttention's varlen kernel disagrees with SDPA here: SDPA over gathered blocks")
+    return agree

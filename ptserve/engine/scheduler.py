@@ -235,12 +235,19 @@ class Engine:
         self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
         half = self.kv_dtype in (torch.float16, torch.bfloat16)  # FlashAttention computes in 16 bits only
         self.use_varlen = self.device.type == "cuda" and half and _has_varlen()
+        if self.use_varlen:
+            heads = cfg.num_attention_heads
+            self.use_varlen = paged.varlen_works(self.device, self.kv_dtype, block_size, kv_heads, heads, head_dim)
         paged.install(model)
         self._no_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         # Passes of decoding rows only, at bucketed shapes, compiled once per bucket (CUDA graphs on CUDA).
         self._decode = None
         if compile_decode:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            mode = None
+            if self.device.type == "cuda":
+                mode = "reduce-overhead"  # CUDA graphs; the pool is updated in place, at fixed addresses
+                for store in self.pool.keys + self.pool.values:
+                    torch._dynamo.mark_static_address(store)
             self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode)
         self.vocab_size = cfg.vocab_size
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -254,6 +261,7 @@ class Engine:
         self._stopping = False
         self._busy = False
         self._outbox: list = []  # this pass's outputs, published together at its end
+        self._offered_now: set[int] = set()  # blocks offered to the prefix cache by the pass being run
         self.preemptions = 0
         self.dead: str | None = None  # why the engine stopped for good
 
@@ -374,12 +382,15 @@ class Engine:
         prefill_budget = self.prefill_chunk
         plan: list[tuple[_Row, int]] = []
         preempted = False
+        self._offered_now = set()  # blocks published to the prefix cache for this pass
         i = 0
         while i < len(self._rows):
             row = self._rows[i]
             i += 1
             if row.finish is None and row.stream.cancelled.is_set():
                 self._finish(row, "abort")
+                self.blocks.release(row.blocks)  # now, not at retirement: a later row may need them
+                row.blocks = []
             if row.finish is not None:
                 continue
             pending = len(row.tokens) - row.computed
@@ -408,8 +419,12 @@ class Engine:
                 return
             computed, hit = 0, []
             if not row.scoring:
-                row.keys = block_keys(row.tokens[:-1], self.block_size)  # the last token is always computed
-                hit = self.blocks.lookup(row.keys)
+                # keys of the full blocks before the last token (always computed), kept while it waits
+                known = (len(row.tokens) - 1) // self.block_size
+                if len(row.keys) < known:
+                    start = row.keys[-1] if row.keys else ROOT_KEY
+                    row.keys += block_keys(row.tokens[: known * self.block_size], self.block_size, start, len(row.keys))
+                hit = self.blocks.lookup(row.keys[:known])
                 computed = len(hit) * self.block_size
             pending = len(row.tokens) - computed
             n = min(pending, prefill_budget)
@@ -502,7 +517,8 @@ class Engine:
             start = row.keys[-1] if row.keys else ROOT_KEY
             row.keys += block_keys(row.tokens[: full * bs], bs, start, len(row.keys))
         for b in range(row.offered, full):
-            self.blocks.register(row.blocks[b], row.keys[b])
+            if self.blocks.register(row.blocks[b], row.keys[b]):
+                self._offered_now.add(row.blocks[b])
         row.offered = full
 
     # 2. run --------------------------------------------------------------------------------------------
@@ -599,6 +615,8 @@ class Engine:
             use_cache=False,
             paged=batch,
         )
+        for store in self.pool.keys + self.pool.values:  # padded rows wrote there: the null block stays zero
+            store[NULL_BLOCK].zero_()
         return out.last_hidden_state[0]
 
     def _advance(self, plan: list[tuple[_Row, int]], hidden: torch.Tensor) -> None:
@@ -681,12 +699,13 @@ class Engine:
         row.stream._publish(None, reason)
 
     def _fail_rows(self, rows: list[_Row], message: str) -> None:
-        """Rows of a failed pass: failed, their blocks freed, and what they offered the prefix cache
-        forgotten (it may not have been written)."""
+        """Rows of a failed pass: failed, their blocks freed, and what was offered the prefix cache for
+        this pass forgotten once no row holds it (it may not have been written; rows that shared it in the
+        same pass fail with it, the last one to let go forgets it). Blocks cached by earlier passes stay."""
         self._fail(rows, message)
         for r in rows:
-            for block in r.blocks[: r.offered]:
-                if self.blocks.refs[block] == 1:  # nobody else reads it
+            for block in r.blocks:
+                if block in self._offered_now and self.blocks.refs[block] == 1:
                     self.blocks.unregister(block)
             if r in self._rows:
                 self._rows.remove(r)
