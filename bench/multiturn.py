@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -46,7 +45,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import emit  # noqa: E402
-from bench.serve import OUT, SHAPES, Server, build_model, free_port, machine  # noqa: E402
+from bench.serve import OUT, SHAPES, Server, build_model, free_port, machine, stream_chat  # noqa: E402
 from ptserve.config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 
 SERVERS = ("ptserve", "ptserve-nocache", "vllm", "vllm-nocache")
@@ -92,43 +91,18 @@ def user_message(conversation: int, turn: int, tokens: int, count_tokens) -> str
 
 
 async def one_turn(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
-    body = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    sent = time.perf_counter()
-    first = None
-    usage, finish, text = None, None, []
-    async with client.stream("POST", url, json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("error"):
-                raise RuntimeError(f"error event in the stream: {data['error']}")
-            if data.get("usage"):
-                usage = data["usage"]
-            for choice in data.get("choices") or []:
-                finish = choice.get("finish_reason") or finish
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    first = first or time.perf_counter()
-                    text.append(content)
-    done = time.perf_counter()
-    usage = usage or {}
+    reply = await stream_chat(client, url, model, messages, max_tokens)
+    if reply["error"]:
+        raise RuntimeError(f"error event in the stream: {reply['error']}")
+    usage = reply["usage"] or {}
     return {
-        "ttft_s": first - sent if first else None,
-        "total_s": done - sent,
+        "ttft_s": reply["first"] - reply["sent"] if reply["first"] else None,
+        "total_s": reply["done"] - reply["sent"],
         "prompt_tokens": usage.get("prompt_tokens"),
         "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
-        "finish": finish,
-        "text": "".join(text),
+        "finish": reply["finish"],
+        "text": reply["text"],
     }
 
 

@@ -179,9 +179,9 @@ def messages_for(i: int, prompt_tokens: int | None, tokenizer) -> list[dict]:
     return [system, {"role": "user", "content": (f"Pergunta {i}: " + "a " * words).strip()}]
 
 
-async def one_request(
-    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int, count_tokens
-) -> dict:
+async def stream_chat(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int):
+    """One greedy streaming chat request: its timings (sent, first and last visible content, done), the
+    final usage, finish reason, text, and the first error event's error (None when there was none)."""
     body = {
         "model": model,
         "messages": messages,
@@ -191,7 +191,7 @@ async def one_request(
         "stream_options": {"include_usage": True},
     }
     sent = time.perf_counter()
-    first = last = None
+    first = last = error = None
     usage, finish, text = None, None, []
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
@@ -199,6 +199,7 @@ async def one_request(
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             data = json.loads(line[6:])
+            error = error or data.get("error")
             if data.get("usage"):
                 usage = data["usage"]
             for choice in data.get("choices") or []:
@@ -208,17 +209,35 @@ async def one_request(
                     first = first or now
                     last = now
                     text.append(choice["delta"]["content"])
+    done = time.perf_counter()
+    return {
+        "sent": sent,
+        "first": first,
+        "last": last,
+        "done": done,
+        "usage": usage,
+        "finish": finish,
+        "text": "".join(text),
+        "error": error,
+    }
+
+
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int, count_tokens
+) -> dict:
+    reply = await stream_chat(client, url, model, messages, max_tokens)
+    usage, finish = reply["usage"], reply["finish"]
     if usage:
         tokens, exact = usage["completion_tokens"], True
     elif finish == "length":
         tokens, exact = max_tokens, True
     else:  # a server that sends no usage and stopped early: count the text's tokens (approximate)
-        tokens, exact = count_tokens("".join(text)), False
+        tokens, exact = count_tokens(reply["text"]), False
     prompt = usage["prompt_tokens"] if usage else None
     return {
-        "sent": sent,
-        "first": first,
-        "last": last,
+        "sent": reply["sent"],
+        "first": reply["first"],
+        "last": reply["last"],
         "tokens": tokens,
         "exact": exact,
         "finish": finish,

@@ -527,36 +527,34 @@ class Engine:
         failed pass fails the rows that were joining (prefilling) and is retried for the decoding ones;
         one that fails again, or held only decoding rows, fails them all. A fatal error propagates."""
         self.pool.zero(self.blocks.take_fresh())
+        hidden, exc = self._attempt(self._pass, plan)
+        if exc is not None:
+            decoding = [(r, n) for r, n in plan if r.decoding]
+            joining = [r for r, _ in plan if not r.decoding]
+            retry = decoding if decoding and joining else []
+            self._fail_rows(joining if retry else [r for r, _ in plan], _describe(exc))
+            if not retry:
+                return
+            plan = retry
+            hidden, exc = self._attempt(self._pass, plan)
+            if exc is not None:
+                self._fail_rows([r for r, _ in plan], _describe(exc))
+                return
+        _, exc = self._attempt(self._advance, plan, hidden)
+        if exc is not None:
+            self._fail_rows([r for r, _ in plan if r.finish is None], _describe(exc))
+
+    def _attempt(self, step, *args):
+        """(step(*args), None), or (None, the exception) once a non-fatal failure is logged and the device
+        recovered from it; a fatal one propagates (the engine dies)."""
         try:
-            hidden = self._pass(plan)
+            return step(*args), None
         except Exception as exc:
             if is_fatal(exc):
                 raise
             logger.exception("engine step failed")
-            joining = [(r, n) for r, n in plan if not r.decoding]
-            decoding = [(r, n) for r, n in plan if r.decoding]
-            message = f"{type(exc).__name__}: {exc}"
-            self._fail_rows([r for r, _ in joining] if decoding and joining else [r for r, _ in plan], message)
             self._recover(exc)
-            if not (decoding and joining):
-                return
-            plan = decoding
-            try:
-                hidden = self._pass(plan)
-            except Exception as again:
-                if is_fatal(again):
-                    raise
-                logger.exception("engine step failed again, without the joining rows")
-                self._fail_rows([r for r, _ in plan], f"{type(again).__name__}: {again}")
-                self._recover(again)
-                return
-        try:
-            self._advance(plan, hidden)
-        except Exception as exc:
-            if is_fatal(exc):
-                raise
-            logger.exception("engine step failed after its forward pass")
-            self._fail_rows([r for r, _ in plan if r.finish is None], f"{type(exc).__name__}: {exc}")
+            return None, exc
 
     def _pass(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
         if self._decode is not None and all(r.decoding and n == 1 for r, n in plan):
@@ -719,6 +717,10 @@ class Engine:
                 r.finish = "error"
                 r.stream.error = message
                 r.stream._publish(None, "error")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _bucket(n: int) -> int:
