@@ -72,12 +72,11 @@ class KVPool:
 
 @dataclass
 class Segment:
-    """A row with several new tokens this pass (a prefill chunk): tokens [q_start, q_end) of the batch,
-    at positions [start, start + q_end - q_start); its keys span `table`'s blocks."""
+    """A row with several new tokens this pass (a prefill chunk): tokens [q_start, q_end) of the batch; its
+    keys span `table`'s blocks (the mask says which each query sees)."""
 
     q_start: int
     q_end: int
-    start: int
     table: torch.Tensor  # [blocks] long
     mask: torch.Tensor | None  # [q, kv] bool, None when start == 0 (plain causal)
 
@@ -125,7 +124,7 @@ class PagedBatch:
                     t = torch.arange(n, device=device).unsqueeze(1)
                     j = torch.arange(end, device=device).unsqueeze(0)
                     mask = j <= start + t
-                segments.append(Segment(q, q + n, start, torch.tensor(used, device=device), mask))
+                segments.append(Segment(q, q + n, torch.tensor(used, device=device), mask))
             q += n
         batch = cls(pool, torch.tensor(slots, device=device), None, None, None, segments)
         if use_varlen:

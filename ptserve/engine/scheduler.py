@@ -224,7 +224,6 @@ class Engine:
         self.block_size = block_size
         layers = cfg.num_hidden_layers
         self.bytes_per_block = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, self.kv_dtype)
-        self.bytes_per_token = self.bytes_per_block // block_size
         # The pool: the budget in whole blocks (no more than every sequence at full context needs).
         most = max_seqs * -(-max_context_length // block_size) + 1
         budget = kv_budget_bytes if kv_budget_bytes is not None else DEFAULT_KV_BYTES
