@@ -2,7 +2,8 @@
 tensors: `paged.KVPool` holds the memory these block ids index.
 
 - The pool has `num_blocks` blocks of `block_size` token positions. Block 0 is the null block: never
-  handed out, always zero, it pads block tables.
+  handed out, always zero, it pads block tables. `reserve()` sets a block aside for the engine's own use
+  (the scratch block the padded rows of a compiled decode write to).
 - A sequence holds a list of blocks (its block table). `allocate(n)` hands out free blocks or returns
   None when there are not enough; `release(blocks)` drops a sequence's references.
 - Prefix caching: a block that holds `block_size` tokens is keyed by a hash of *all* the tokens from the
@@ -53,6 +54,7 @@ class BlockManager:
         self._free_plain: list[int] = []  # released, no cached content (LIFO: recently touched memory first)
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # released, cached; least recently used first
         self._untouched = 1  # blocks [_untouched, num_blocks) have never been handed out
+        self.reserved = 0  # blocks set aside by reserve(), never handed out
         self.fresh: list[int] = []  # never-used blocks handed out since the caller last zeroed them
         # counters (read racily from another thread for /metrics)
         self.queries = 0  # prompt tokens looked up in the prefix cache
@@ -62,7 +64,7 @@ class BlockManager:
     # -- gauges -----------------------------------------------------------------------------------------
     @property
     def usable(self) -> int:
-        return self.num_blocks - 1
+        return self.num_blocks - 1 - self.reserved
 
     @property
     def free(self) -> int:
@@ -97,6 +99,14 @@ class BlockManager:
             self.refs[block] = 1
             out.append(block)
         return out
+
+    def reserve(self) -> int:
+        """A never-used block, set aside for good (not counted as usable); the caller zeroes it."""
+        if self.free < 1 or self._untouched >= self.num_blocks:
+            raise ValueError("no never-used block left to reserve")
+        self.reserved += 1
+        self._untouched += 1
+        return self._untouched - 1
 
     def release(self, blocks: list[int]) -> None:
         """Drop one reference to each block. Released in reverse, so a sequence's last blocks (the least

@@ -230,6 +230,10 @@ class Engine:
         num_blocks = min(most, budget // self.bytes_per_block)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, self.kv_dtype, self.device)
+        # what the padded rows of a compiled decode's bucket write and read: were it the null block,
+        # re-zeroing that inside the compiled step would make inductor copy every layer's whole pool
+        self._scratch = self.blocks.reserve() if compile_decode else NULL_BLOCK
+        self.pool.zero([self._scratch] if compile_decode else [])
         self.kv_budget_tokens = self.blocks.usable * block_size
         self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
         half = self.kv_dtype in (torch.float16, torch.bfloat16)  # FlashAttention computes in 16 bits only
@@ -580,16 +584,18 @@ class Engine:
 
     def _bucketed_decode(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
         """A pass of decoding rows padded to a bucket of rows and of blocks per row (powers of two), so the
-        compiled step sees a few fixed shapes: padded rows write to the null block and read one token of it
-        (what they compute is dropped; real rows never read past their own length)."""
+        compiled step sees a few fixed shapes: padded rows write to the scratch block and read that one
+        token (what they compute is dropped; real rows never read past their own length nor the scratch
+        block)."""
         bs, rows = self.block_size, len(plan)
         width = _bucket(max(r.computed // bs + 1 for r, _ in plan))
         size = _bucket(rows)
         ids = [r.tokens[r.computed] for r, _ in plan] + [0] * (size - rows)
         positions = [r.computed for r, _ in plan] + [0] * (size - rows)
-        slots = [r.blocks[r.computed // bs] * bs + r.computed % bs for r, _ in plan] + [0] * (size - rows)
-        tables = [r.blocks[: r.computed // bs + 1] for r, _ in plan]
-        tables = [t + [NULL_BLOCK] * (width - len(t)) for t in tables] + [[NULL_BLOCK] * width] * (size - rows)
+        pad = size - rows
+        slots = [r.blocks[r.computed // bs] * bs + r.computed % bs for r, _ in plan] + [self._scratch * bs] * pad
+        tables = [r.blocks[: r.computed // bs + 1] for r, _ in plan] + [[self._scratch]] * pad
+        tables = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
         device = self.device
         hidden = self._decode(
@@ -612,8 +618,6 @@ class Engine:
             use_cache=False,
             paged=batch,
         )
-        for store in self.pool.keys + self.pool.values:  # padded rows wrote there: the null block stays zero
-            store[NULL_BLOCK].zero_()
         return out.last_hidden_state[0]
 
     def _advance(self, plan: list[tuple[_Row, int]], hidden: torch.Tensor) -> None:
