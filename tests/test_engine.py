@@ -39,6 +39,15 @@ def test_blocks_are_handed_out_once_and_the_null_block_never():
     assert (m.free, m.used) == (0, 4)
 
 
+def test_a_reserved_block_is_never_handed_out_nor_counted():
+    m = BlockManager(4, 4)
+    scratch = m.reserve()
+    assert scratch == 1 and (m.usable, m.free, m.used) == (2, 2, 0)
+    assert sorted(m.allocate(2)) == [2, 3] and m.allocate(1) is None
+    with pytest.raises(ValueError, match="never-used"):
+        m.reserve()
+
+
 def test_block_keys_name_the_whole_prefix():
     a = list(range(40))
     b = [7] * 8 + list(range(8, 40))  # same second block, different first
@@ -46,6 +55,28 @@ def test_block_keys_name_the_whole_prefix():
     assert block_keys(a, 16)[0] != block_keys(b, 16)[0]
     assert block_keys(a, 16)[1] != block_keys(b, 16)[1]  # equal tokens after a different prefix
     assert block_keys(a, 16, block_keys(a[:16], 16)[0], 1) == block_keys(a, 16)[1:]  # chained from a key
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_a_chunk_attends_to_its_prefix_and_itself_as_one_masked_call(heads, kv_heads):
+    """After cached or earlier-computed tokens, a chunk's attention is two unmasked kernel calls (the
+    keys before it, its own causally) merged by log-sum-exp: equal to one call with the causal mask,
+    for any start (mid-block too) and grouped-query heads."""
+    from ptserve.engine.paged import _two_part
+
+    gen = torch.Generator().manual_seed(0)
+    for before, n in ((16, 5), (37, 9), (100, 1)):
+        q = torch.randn(1, heads, n, 8, generator=gen)
+        k = torch.randn(1, kv_heads, before + n, 8, generator=gen)
+        v = torch.randn(1, kv_heads, before + n, 8, generator=gen)
+        got = _two_part(
+            q, k[:, :, :before], v[:, :, :before], k[:, :, before:], v[:, :, before:], 0.35, heads != kv_heads
+        )
+        mask = torch.arange(before + n).unsqueeze(0) <= before + torch.arange(n).unsqueeze(1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=0.35, enable_gqa=heads != kv_heads
+        )
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
 def test_prefix_lookup_references_and_lru_eviction():
@@ -212,7 +243,11 @@ def test_n_choices_of_one_prompt_share_its_prefill(sharp):
         engine.shutdown()
     # admitted in one pass: the first computes the prompt's 3 full blocks, the others read them as it writes
     assert [s.cached_tokens for s in streams] == [0, 48, 48]
-    assert outs[0] == outs[1] == outs[2]
+    # the same tokens; log-probabilities to float32 rounding (the readers attend to the cached blocks and
+    # their own keys in two kernel calls, the writer in one)
+    assert [o[0] for o in outs] == [outs[0][0]] * 3 and [o[2] for o in outs] == [outs[0][2]] * 3
+    for other in outs[1:]:
+        assert other[1] == pytest.approx(outs[0][1], abs=1e-5)
     assert_matches_eager(sharp, ids, outs[0][0], outs[0][1])
 
 
@@ -448,3 +483,29 @@ def test_decode_step_compiles_once_per_bucket_and_never_again(sharp_compilable):
                 eager = engine._decode_step(*args)
                 assert compiled.shape == (args[0].shape[1], TinyShape().hidden)
                 torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_decode_updates_the_pool_in_place(sharp_compilable):
+    """A bucket's padded rows write a scratch block set aside for them, not the null block: re-zeroing
+    that inside the compiled step made inductor copy each layer's whole pool at every pass (a loop over
+    all of a layer's pool in the generated code; 49 ms a pass where 0.6 ms is the work). The null block
+    stays zero, the scratch block is not usable for sequences."""
+    from torch._inductor.utils import run_and_get_code
+
+    from ptserve.engine.scheduler import _Row
+
+    engine = Engine(sharp_compilable, 4096, compile_decode=True)
+    assert engine.blocks.usable == engine.blocks.num_blocks - 2 and engine._scratch != NULL_BLOCK
+    rows = []
+    for i, n in enumerate((20, 35, 17)):  # 3 rows: a bucket of 4, one padded
+        row = _Row(None, None, 8, prompts(n + 1, seed=i)[0], i)
+        row.computed, row.blocks, row.decoding = n, engine.blocks.allocate(-(-(n + 1) // BS)), True
+        rows.append(row)
+    engine.pool.zero(engine.blocks.take_fresh())
+    with torch.inference_mode():
+        _, code = run_and_get_code(engine._bucketed_decode, [(r, 1) for r in rows])
+    layer = engine.pool.keys[0].numel()
+    assert f"{layer}L" not in "\n".join(code)  # no loop over a layer's whole pool
+    for store in engine.pool.keys + engine.pool.values:
+        assert not store[NULL_BLOCK].any()
+        assert store[engine._scratch, 0].any()  # the padded row's keys went there

@@ -13,9 +13,9 @@ the batch's layout in the `paged=` keyword the engine passes through the model's
      (torch.nn.attention.varlen.varlen_attn, num_splits=1: a row's numbers do not depend on its
      neighbours);
    - on the CPU (and on CUDA should that kernel be missing), rows with one new token (decoding) are
-     gathered into one padded SDPA call over their blocks, and each row with several new tokens (a
-     prefill chunk) gets its own causal SDPA call: reading the fresh keys directly when it starts at
-     position 0, else its blocks from the pool.
+     gathered, a few at a time, into padded SDPA calls over their blocks, and each row with several new
+     tokens (a prefill chunk) gets a causal SDPA call over its own fresh keys, plus, when it starts after
+     position 0, an unmasked one over the blocks before it, the two merged by their log-sum-exps.
 Since every row's keys are written before any row attends, a row may read blocks another row of the
 same pass is writing (the prefix cache relies on it: `n` choices of one prompt share its blocks).
 
@@ -72,13 +72,14 @@ class KVPool:
 
 @dataclass
 class Segment:
-    """A row with several new tokens this pass (a prefill chunk): tokens [q_start, q_end) of the batch; its
-    keys span `table`'s blocks (the mask says which each query sees)."""
+    """A row with several new tokens this pass (a prefill chunk): tokens [q_start, q_end) of the batch,
+    after `start` tokens computed by earlier passes (or read from the prefix cache), held by `table`'s
+    blocks. Its queries see all of those and, causally, the chunk's own keys."""
 
     q_start: int
     q_end: int
-    table: torch.Tensor  # [blocks] long
-    mask: torch.Tensor | None  # [q, kv] bool, None when start == 0 (plain causal)
+    start: int
+    table: torch.Tensor | None  # [blocks] long: the blocks of positions [0, start); None when start == 0
 
 
 # Decoding rows per gather + SDPA call on the CPU: a group's keys stay in the cache between the two (one
@@ -119,12 +120,8 @@ class PagedBatch:
                 single_tables.append(used)
                 single_lens.append(end)
             elif not use_varlen:
-                mask = None
-                if start:
-                    t = torch.arange(n, device=device).unsqueeze(1)
-                    j = torch.arange(end, device=device).unsqueeze(0)
-                    mask = j <= start + t
-                segments.append(Segment(q, q + n, torch.tensor(used, device=device), mask))
+                before = torch.tensor(table[: -(-start // bs)], device=device) if start else None
+                segments.append(Segment(q, q + n, start, before))
             q += n
         batch = cls(pool, torch.tensor(slots, device=device), None, None, None, segments)
         if use_varlen:
@@ -207,17 +204,38 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
             out[batch.single_idx] = os.squeeze(2)
     for seg in batch.segments:
         qs = q[:, seg.q_start : seg.q_end].unsqueeze(0)  # [1, H, n, D]
-        if seg.mask is None:  # from position 0: this pass's own keys are all there is
-            k = key[:, :, seg.q_start : seg.q_end].to(dtype)
-            v = value[:, :, seg.q_start : seg.q_end].to(dtype)
+        # the chunk's own keys, causally: this pass's fresh ones (also written to the pool above)
+        k = key[:, :, seg.q_start : seg.q_end].to(dtype)
+        v = value[:, :, seg.q_start : seg.q_end].to(dtype)
+        if seg.table is None:  # from position 0: they are all there is
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-        else:
-            kv_len = seg.mask.shape[1]
-            k = k_blocks.index_select(0, seg.table).view(-1, kvh, size)[:kv_len].transpose(0, 1).unsqueeze(0)
-            v = v_blocks.index_select(0, seg.table).view(-1, kvh, size)[:kv_len].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=seg.mask, scale=scaling, enable_gqa=gqa)
+        else:  # and every key before the chunk, gathered from the pool
+            kp = k_blocks.index_select(0, seg.table).view(-1, kvh, size)[: seg.start].transpose(0, 1).unsqueeze(0)
+            vp = v_blocks.index_select(0, seg.table).view(-1, kvh, size)[: seg.start].transpose(0, 1).unsqueeze(0)
+            o = _two_part(qs, kp, vp, k, v, scaling, gqa)
         out[seg.q_start : seg.q_end] = o[0].transpose(0, 1)
     return out
+
+
+def _two_part(q, k_before, v_before, k_own, v_own, scaling, gqa: bool) -> torch.Tensor:
+    """Attention of a chunk's queries over the keys before it (all visible) and its own (causal), as two
+    unmasked kernel calls merged by their log-sum-exps: the same numbers as one call over both with a
+    mask, which on the CPU costs ~25% more (the kernel converts the mask and reads it; here neither is
+    built). [1, H, n, D] -> [1, H, n, D]."""
+    if q.device.type != "cpu":  # the masked call (CUDA without FlashAttention's varlen kernel)
+        n, before = q.shape[2], k_before.shape[2]
+        t = torch.arange(n, device=q.device).unsqueeze(1)
+        mask = torch.arange(before + n, device=q.device).unsqueeze(0) <= before + t
+        k, v = torch.cat([k_before, k_own], 2), torch.cat([v_before, v_own], 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    if gqa:  # the CPU kernel behind SDPA takes as many key heads as query heads
+        groups = q.shape[1] // k_own.shape[1]
+        k_before, v_before, k_own, v_own = (t.repeat_interleave(groups, 1) for t in (k_before, v_before, k_own, v_own))
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    o1, lse1 = flash(q, k_before, v_before, 0.0, False, scale=scaling)  # o [1, H, n, D], lse [1, H, n] float32
+    o2, lse2 = flash(q, k_own, v_own, 0.0, True, scale=scaling)
+    w1 = torch.sigmoid(lse1 - lse2).unsqueeze(-1)  # exp(lse1) / (exp(lse1) + exp(lse2))
+    return torch.lerp(o2.float(), o1.float(), w1).to(q.dtype)
 
 
 def _varlen_rows(batch: PagedBatch, layer: int, query, scaling) -> torch.Tensor:
