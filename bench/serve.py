@@ -42,6 +42,9 @@ OUT = ROOT / "bench" / "out"
 SHAPES = {
     # The CPU benchmark's model: 58.5M parameters (25.7M in the layers).
     "bench512": dict(hidden=512, layers=8, heads=8, intermediate=1408),
+    # A forward pass that costs little next to the server's own per-token work (as Phi-3.5's does on a
+    # GPU next to Python): 4.3M parameters, 4.1M of them the embedding and lm_head.
+    "cheap": dict(hidden=64, layers=2, heads=2, intermediate=128),
     # Phi-3.5-mini-instruct's exact shape (3.8B parameters, 7.64 GB in bf16): speed does not depend on
     # the weights' values. Its real config: 131072 positions, LongRoPE from 4096.
     "phi35": dict(hidden=3072, layers=32, heads=32, intermediate=8192),
@@ -338,7 +341,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.levels.split(",")]
-    default_dir = {"bench512": "phi3-bench512", "phi35": "phi3.5-shape"}[args.shape]
+    default_dir = {"bench512": "phi3-bench512", "cheap": "phi3-cheap", "phi35": "phi3.5-shape"}[args.shape]
     model_dir = build_model(args.model_dir or OUT / default_dir, args.shape)
     from transformers import AutoTokenizer
 
