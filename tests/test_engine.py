@@ -79,6 +79,28 @@ def test_a_chunk_attends_to_its_prefix_and_itself_as_one_masked_call(heads, kv_h
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_decoding_rows_are_grouped_by_length_and_read_only_their_groups_blocks():
+    """On the CPU path, rows with one new token are attended GROUP at a time, shortest first: a group
+    gathers as many blocks as its own longest row holds, not the batch's longest (one 3k-token chat among
+    63 short ones made every group read ~190 blocks)."""
+    from ptserve.engine.paged import GROUP, KVPool, PagedBatch
+
+    pool = KVPool(1, 64, BS, 1, 4, torch.float32, "cpu")
+    ends = [300, 20, 40, 20, 17, 100]  # tokens of each row with its new one
+    rows, next_block = [], 1
+    for end in ends:
+        blocks = -(-end // BS)
+        rows.append((end - 1, 1, list(range(next_block, next_block + blocks))))
+        next_block += blocks
+    rows.insert(2, (0, 5, [next_block]))  # a prompt chunk among them: batch position 2, 5 tokens
+    batch = PagedBatch.build(pool, rows, use_varlen=False)
+    positions = [0, 1, 7, 8, 9, 10]  # each decoding row's batch position (the chunk takes 2-6)
+    order = sorted(range(len(ends)), key=ends.__getitem__)
+    assert batch.single_idx.tolist() == [positions[i] for i in order]
+    assert GROUP == 4 and batch.single_widths == [3, 19]  # 17, 20, 20, 40 tokens; then 100, 300
+    assert batch.single_tables.shape == (6, 19) and batch.single_tables[0, 2:].eq(NULL_BLOCK).all()
+
+
 def test_prefix_lookup_references_and_lru_eviction():
     m = BlockManager(5, 4)  # 4 usable blocks
     keys = block_keys(list(range(12)), 4)

@@ -84,6 +84,7 @@ class Segment:
 
 # Decoding rows per gather + SDPA call on the CPU: a group's keys stay in the cache between the two (one
 # call for 64 rows of ~110 tokens took 12.6 ms, 16 calls of 4 rows 2.7 ms, bench512's attention shape).
+# The rows are grouped by length, and a group reads only as many blocks as its longest row holds.
 GROUP = 4
 
 
@@ -93,10 +94,12 @@ class PagedBatch:
 
     pool: KVPool
     slots: torch.Tensor  # [T] long: the pool slot (block * block_size + offset) of each new token
-    single_idx: torch.Tensor | None  # [S] long: batch positions of the rows with one new token (None: all)
+    # the rows with one new token, shortest first (in batch order for `decode`):
+    single_idx: torch.Tensor | None  # [S] long: their batch positions (None: every row, in batch order)
     single_tables: torch.Tensor | None  # [S, W] long: their blocks, padded with the null block
     single_mask: torch.Tensor | None  # [S, 1, 1, W * block_size] bool: each row's own tokens
     segments: list[Segment]
+    single_widths: list[int] | None = None  # blocks each GROUP of them reads (None: W for every group)
     # FlashAttention's varlen layout (CUDA only), every row in batch order
     cu_seq_q: torch.Tensor | None = None
     seqused_k: torch.Tensor | None = None
@@ -140,12 +143,19 @@ class PagedBatch:
             batch.block_table = torch.tensor(padded, dtype=torch.int32, device=device)
             batch.max_q, batch.max_k = max(lens), max(ends)
         elif single:
-            if len(single) < q:
+            order = sorted(range(len(single)), key=single_lens.__getitem__)  # similar lengths share a group
+            single = [single[i] for i in order]
+            single_tables = [single_tables[i] for i in order]
+            single_lens = [single_lens[i] for i in order]
+            if single != list(range(q)):
                 batch.single_idx = torch.tensor(single, device=device)
-            width = max(len(t) for t in single_tables)
+            width = len(single_tables[-1])
             tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in single_tables], device=device)
             batch.single_tables = tables
             batch.single_mask = _length_mask(torch.tensor(single_lens, device=device), width * bs)
+            batch.single_widths = [
+                len(single_tables[min(g + GROUP, len(single)) - 1]) for g in range(0, len(single), GROUP)
+            ]
         return batch
 
     @classmethod
@@ -189,14 +199,16 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
     if batch.single_tables is not None:
         qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
         os = qs.new_empty(qs.shape)
-        tables, mask = batch.single_tables, batch.single_mask
-        for start in range(0, tables.shape[0], GROUP):
-            index = tables[start : start + GROUP].reshape(-1)
+        tables, mask, bs = batch.single_tables, batch.single_mask, pool.block_size
+        for g, start in enumerate(range(0, tables.shape[0], GROUP)):
+            width = batch.single_widths[g] if batch.single_widths is not None else tables.shape[1]
+            index = tables[start : start + GROUP, :width].reshape(-1)
             rows = min(GROUP, tables.shape[0] - start)
             k = k_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)  # [g, kvh, L, D]
             v = v_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)
+            group_mask = mask[start : start + rows, :, :, : width * bs]
             os[start : start + rows] = F.scaled_dot_product_attention(
-                qs[start : start + rows], k, v, attn_mask=mask[start : start + rows], scale=scaling, enable_gqa=gqa
+                qs[start : start + rows], k, v, attn_mask=group_mask, scale=scaling, enable_gqa=gqa
             )
         if everyone:
             out = os.squeeze(2)
