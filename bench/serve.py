@@ -1,6 +1,6 @@
 """Serving benchmark: ptserve side by side with a peer server, same model, same requests, same run.
 
-    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N] [--shape bench512|phi35]
+    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N] [--shape bench512|cheap|phi35]
                           [--quantization none,4bit,8bit] [--peer transformers|vllm|all|none] [--out FILE]
 
 Builds (once) a random-weight Phi-3 in bench/out/: by default hidden 512, 8 layers, 8 heads,

@@ -52,7 +52,7 @@ import torch
 from ptserve.engine import paged
 from ptserve.engine.blocks import NULL_BLOCK, ROOT_KEY, BlockManager, block_keys
 from ptserve.engine.grammar import GrammarBackend
-from ptserve.engine.hostmem import release_host_memory
+from ptserve.engine.hostmem import keep_freed_memory, release_host_memory
 from ptserve.engine.paged import KVPool, PagedBatch
 from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, next_tokens
 
@@ -228,6 +228,7 @@ class Engine:
         most = max_seqs * -(-max_context_length // block_size) + 1
         budget = kv_budget_bytes if kv_budget_bytes is not None else DEFAULT_KV_BYTES
         num_blocks = min(most, budget // self.bytes_per_block)
+        keep_freed_memory()  # a pass's megabyte-sized temporaries reuse the heap, not fresh pages
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, self.kv_dtype, self.device)
         # what the padded rows of a compiled decode's bucket write and read: were it the null block,
