@@ -1,6 +1,7 @@
 """Serving benchmark: ptserve side by side with a peer server, same model, same requests, same run.
 
-    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N] [--shape bench512|cheap|phi35]
+    python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N [--prompt-spread S]]
+                          [--shape bench512|cheap|phi35]
                           [--quantization none,4bit,8bit] [--peer transformers|vllm|all|none] [--out FILE]
 
 Builds (once) a random-weight Phi-3 in bench/out/: by default hidden 512, 8 layers, 8 heads,
@@ -320,6 +321,12 @@ def main() -> None:
     parser.add_argument("--levels", default="1,16,64")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, help="prompts of exactly this many tokens (default: short ones)")
+    parser.add_argument(
+        "--prompt-spread",
+        type=int,
+        default=0,
+        help="with --prompt-tokens: request i's prompt has prompt-tokens + i x this many (lengths that differ)",
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bench512", help="phi35: Phi-3.5-mini's shape")
     parser.add_argument(
         "--quantization", default="none", help="ptserve's modes to run, comma-separated: none, 4bit, 8bit"
@@ -350,13 +357,17 @@ def main() -> None:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    prompts = [messages_for(i, args.prompt_tokens, tokenizer) for i in range(max(levels))]
+    if args.prompt_spread and args.prompt_tokens is None:
+        parser.error("--prompt-spread needs --prompt-tokens")
+    lengths = [args.prompt_tokens + i * args.prompt_spread if args.prompt_tokens else None for i in range(max(levels))]
+    prompts = [messages_for(i, n, tokenizer) for i, n in enumerate(lengths)]
     py = sys.executable
     results = {
         "machine": machine(),
         "command": " ".join(["python", "bench/serve.py", *sys.argv[1:]]),
         "model": SHAPES[args.shape],
         "prompt_tokens": args.prompt_tokens,
+        "prompt_spread": args.prompt_spread,
         "max_tokens": args.max_tokens,
     }
 
