@@ -7,7 +7,9 @@ bench/out/) and sends `--requests` requests, `--concurrency` at a time, cycling 
 chat (with usage), plain chat, n=2 with logprobs, JSON-schema output, tool calls, legacy completions with
 echo and logprobs, a long prompt, and one in four streams abandoned after three chunks. After a warm-up
 and after each third it reads the resident memory (VmRSS) of every process of the server (main, HTTP,
-inference worker, manager) and reports each third's growth. A benchmark, not a test: nothing here
+inference worker, manager) and reports each third's growth, with how much of the KV pool has been written
+by then (`ptserve_kv_cache_pool_touched_bytes`: the prefix cache keeps what it holds, so the pool's touched
+part grows with distinct prompts up to the configured budget). A benchmark, not a test: nothing here
 asserts; the README quotes its output.
 """
 
@@ -139,6 +141,16 @@ def snapshot(root_pid: int) -> dict[str, float]:
     return {role: round(rss_mb(pid), 1) for pid, role in sorted(processes(root_pid).items())}
 
 
+def kv_touched_mb(base: str) -> float:
+    """The KV pool's bytes written so far (its blocks ever handed out), from /metrics: on the CPU the pool
+    is part of the worker's resident memory as far as it has been touched."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    found = [
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("ptserve_kv_cache_pool_touched_bytes")
+    ]
+    return round(sum(found) / 2**20, 1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
@@ -149,7 +161,7 @@ def main(argv=None) -> int:
     with tiny_server("soak", args.model) as server:
         base = server.base_url
         asyncio.run(drive(base, 0, WARMUP, args.concurrency))
-        rows = [{"after": WARMUP, "rss_mb": snapshot(server.proc.pid)}]
+        rows = [{"after": WARMUP, "rss_mb": snapshot(server.proc.pid), "kv_touched_mb": kv_touched_mb(base)}]
         third = args.requests // 3
         outcomes: dict[str, int] = {}
         for k in range(3):
@@ -162,6 +174,7 @@ def main(argv=None) -> int:
                     "after": WARMUP + (k + 1) * third,
                     "seconds": round(time.monotonic() - began, 1),
                     "rss_mb": snapshot(server.proc.pid),
+                    "kv_touched_mb": kv_touched_mb(base),
                 }
             )
             total = sum(rows[-1]["rss_mb"].values())

@@ -34,6 +34,10 @@ WORKER_GAUGES = {
     "kv_blocks_total": ("ptserve_kv_cache_blocks_total", "Blocks of the KV pool."),
     "kv_blocks_used": ("ptserve_kv_cache_blocks_used", "Blocks held by running sequences."),
     "kv_blocks_cached": ("ptserve_kv_cache_blocks_cached", "Blocks holding a cached prompt prefix (in use or not)."),
+    "kv_pool_touched_bytes": (
+        "ptserve_kv_cache_pool_touched_bytes",
+        "Bytes of the KV pool's blocks written at least once (on the CPU, the part resident in memory).",
+    ),
 }
 
 WORKER_COUNTERS = {

@@ -170,6 +170,7 @@ class Worker:
             "kv_blocks_total": engine.blocks.usable,
             "kv_blocks_used": engine.blocks.used,
             "kv_blocks_cached": engine.blocks.cached,
+            "kv_pool_touched_bytes": engine.blocks.touched * engine.bytes_per_block,
             "prefix_cache_queries": engine.blocks.queries,
             "prefix_cache_hits": engine.blocks.hits,
             "preemptions": engine.preemptions,

@@ -348,11 +348,15 @@ def test_the_pool_is_the_budget_in_whole_blocks_allocated_once(sharp):
     try:
         assert engine.pool.nbytes == 10 * per_block  # the budget, rounded down to whole blocks
         assert engine.kv_budget_tokens == 9 * BS  # the null block pads block tables
+        assert engine.blocks.touched == 1  # only the null block has been written
         for ids in prompts(20, 30, 45):
             run(engine, [(ids, greedy(5))])
         settle(engine)
         assert [t.data_ptr() for t in engine.pool.keys + engine.pool.values] == storage  # never reallocated
         assert engine.blocks.used == 0
+        # 2, 3 and 4 blocks for the three in turn; each one's last, partial block (not cached) is reused by
+        # the next, their full blocks stay cached: 2 + 2 + 3 blocks written, and the null block
+        assert engine.blocks.touched == 8
     finally:
         engine.shutdown()
 

@@ -75,6 +75,11 @@ class BlockManager:
         return self.usable - self.free
 
     @property
+    def touched(self) -> int:
+        """Blocks ever handed out or reserved, and the null block: those whose memory has been written."""
+        return self._untouched
+
+    @property
     def cached(self) -> int:
         """Blocks holding a cached prefix, in use or not."""
         return len(self.key_of)
