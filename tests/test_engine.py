@@ -46,6 +46,8 @@ def test_a_reserved_block_is_never_handed_out_nor_counted():
     assert sorted(m.allocate(2)) == [2, 3] and m.allocate(1) is None
     with pytest.raises(ValueError, match="never-used"):
         m.reserve()
+    with pytest.raises(ValueError, match="too few"):
+        BlockManager(2, 4).reserve()  # the null block and one more: nothing to spare
 
 
 def test_block_keys_name_the_whole_prefix():
@@ -99,6 +101,41 @@ def test_decoding_rows_are_grouped_by_length_and_read_only_their_groups_blocks()
     assert batch.single_idx.tolist() == [positions[i] for i in order]
     assert GROUP == 4 and batch.single_widths == [3, 19]  # 17, 20, 20, 40 tokens; then 100, 300
     assert batch.single_tables.shape == (6, 19) and batch.single_tables[0, 2:].eq(NULL_BLOCK).all()
+
+
+def test_a_ragged_pass_attends_each_row_to_exactly_its_own_tokens():
+    """The CPU path's numbers for a mixed pass (decoding rows out of length order, in groups of four and a
+    last group of two, and prompt chunks from position 0 and after cached blocks) against attention of each
+    row alone over its own keys, read back from the pool after the pass wrote them."""
+    from ptserve.engine.paged import KVPool, PagedBatch, paged_attention
+
+    heads, kv_heads, size = 4, 2, 8
+    pool = KVPool(1, 64, BS, kv_heads, size, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for store in pool.keys + pool.values:
+        store.normal_(generator=gen)
+    # (tokens before this pass, new tokens): decoding rows of 70, 5, 33, 18, 100, 2 tokens, two chunks
+    shapes = [(69, 1), (4, 1), (0, 9), (32, 1), (17, 1), (20, 7), (99, 1), (1, 1)]
+    rows, free = [], iter(torch.randperm(63, generator=gen).add(1).tolist())
+    for start, n in shapes:
+        rows.append((start, n, [next(free) for _ in range(-(-(start + n) // BS))]))
+    total = sum(n for _, n in shapes)
+    q = torch.randn(1, heads, total, size, generator=gen)
+    k = torch.randn(1, kv_heads, total, size, generator=gen)
+    v = torch.randn(1, kv_heads, total, size, generator=gen)
+    layer = type("Layer", (), {"layer_idx": 0})()
+    out, _ = paged_attention(layer, q, k, v, None, 0.3, paged=PagedBatch.build(pool, rows, use_varlen=False))
+    offset = 0
+    for start, n, table in rows:
+        end = start + n
+        keys = pool.keys[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)  # [1, kvh, end, D]
+        values = pool.values[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
+        mask = torch.arange(end).unsqueeze(0) <= start + torch.arange(n).unsqueeze(1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, offset : offset + n], keys, values, attn_mask=mask, scale=0.3, enable_gqa=True
+        )
+        torch.testing.assert_close(out[0, offset : offset + n], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+        offset += n
 
 
 def test_prefix_lookup_references_and_lru_eviction():

@@ -12,8 +12,9 @@ import pytest
 PASSES = """
 import resource, sys, threading, torch
 from ptserve.engine import hostmem
-if sys.argv[1] == "keep":
-    assert hostmem.keep_freed_memory()
+if sys.argv[1] == "keep" and not hostmem.keep_freed_memory():
+    print("unsupported")  # not glibc
+    sys.exit()
 def layer():
     out = torch.ones(3 << 18)
     for mb in (0.5, 1, 1.5, 2, 3, 4, 6, 12):
@@ -36,6 +37,8 @@ print(*faults)
 
 def page_faults(mode: str) -> list[int]:
     done = subprocess.run([sys.executable, "-c", PASSES, mode], capture_output=True, text=True, check=True)
+    if done.stdout.strip() == "unsupported":
+        pytest.skip("mallopt is glibc's")
     return [int(n) for n in done.stdout.split()]
 
 
@@ -44,6 +47,6 @@ def test_a_pass_reuses_freed_memory_instead_of_faulting_pages_in_again():
     """Left to glibc's defaults, each pass's freed temporaries of megabytes go back to the kernel and the
     next pass faults them in again (57,000 page faults a decoding pass of 64 rows of varied lengths on the
     bench model: 180 ms instead of 89). Kept in the heap, only the first pass takes page faults."""
-    default, kept = page_faults("default"), page_faults("keep")
+    kept, default = page_faults("keep"), page_faults("default")
     assert min(default[2:]) > 10_000
-    assert kept[0] > 0 and kept[2:] == [0, 0]  # the heap grows over the first passes, then serves them
+    assert kept[0] > 10_000 and max(kept[2:]) < 100  # the heap grows over the first passes, then serves them

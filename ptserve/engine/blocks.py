@@ -107,8 +107,12 @@ class BlockManager:
 
     def reserve(self) -> int:
         """A never-used block, set aside for good (not counted as usable); the caller zeroes it."""
-        if self.free < 1 or self._untouched >= self.num_blocks:
+        if self._untouched >= self.num_blocks:
             raise ValueError("no never-used block left to reserve")
+        if self.usable < 2:
+            raise ValueError(
+                f"the KV pool has {self.num_blocks} blocks: too few to set one aside and still hold a sequence"
+            )
         self.reserved += 1
         self._untouched += 1
         return self._untouched - 1

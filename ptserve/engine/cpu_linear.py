@@ -41,8 +41,10 @@ class PackedLinear(torch.nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features)
+        flat = x.reshape(-1, x.shape[-1])
+        rows = flat.shape[0]
+        if rows == 0:
+            return x.new_empty((*x.shape[:-1], self.out_features))
         size = padded_rows(rows)
         if size != rows:
             flat = torch.nn.functional.pad(flat, (0, 0, 0, size - rows))

@@ -30,9 +30,7 @@ TRIM_THRESHOLD = 2**31 - 1  # in effect never on free (an int): release_host_mem
 
 @functools.cache
 def _libc_function(name: str):
-    libc = ctypes.util.find_library("c")
-    if libc is None:
-        return None
+    libc = ctypes.util.find_library("c")  # None where ldconfig is missing: then the process's own symbols
     try:
         return getattr(ctypes.CDLL(libc), name)
     except (OSError, AttributeError):  # musl, macOS: no malloc_trim / mallopt
@@ -46,10 +44,17 @@ def keep_freed_memory() -> bool:
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    if not applied:
-        logger.info("mallopt refused: freed host memory goes back to the kernel at once")
-    return applied
+    refused = [
+        name
+        for name, param, value in (
+            ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        )
+        if not mallopt(param, value)
+    ]
+    if refused:
+        logger.info("mallopt refused %s: freed host memory may go back to the kernel at once", ", ".join(refused))
+    return not refused
 
 
 def release_host_memory() -> None:

@@ -231,8 +231,9 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
 
 def _two_part(q, k_before, v_before, k_own, v_own, scaling, gqa: bool) -> torch.Tensor:
     """Attention of a chunk's queries over the keys before it (all visible) and its own (causal), as two
-    unmasked kernel calls merged by their log-sum-exps: the same numbers as one call over both with a
-    mask, which on the CPU costs ~25% more (the kernel converts the mask and reads it; here neither is
+    unmasked kernel calls merged by their log-sum-exps: what one call over both with a mask gives, up to
+    float rounding (each part is rounded to the model's dtype before the merge); that call costs ~25% more
+    on the CPU (the kernel converts the mask and reads it; here neither is
     built). [1, H, n, D] -> [1, H, n, D]."""
     if q.device.type != "cpu":  # the masked call (CUDA without FlashAttention's varlen kernel)
         n, before = q.shape[2], k_before.shape[2]

@@ -224,8 +224,9 @@ class Engine:
         self.block_size = block_size
         layers = cfg.num_hidden_layers
         self.bytes_per_block = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, self.kv_dtype)
-        # The pool: the budget in whole blocks (no more than every sequence at full context needs).
-        most = max_seqs * -(-max_context_length // block_size) + 1
+        # The pool: the budget in whole blocks (no more than every sequence at full context needs, plus the
+        # null block and the compiled decode's scratch block).
+        most = max_seqs * -(-max_context_length // block_size) + 1 + int(compile_decode)
         budget = kv_budget_bytes if kv_budget_bytes is not None else DEFAULT_KV_BYTES
         num_blocks = min(most, budget // self.bytes_per_block)
         keep_freed_memory()  # a pass's megabyte-sized temporaries reuse the heap, not fresh pages
