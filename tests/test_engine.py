@@ -310,6 +310,36 @@ def test_n_choices_of_one_prompt_share_its_prefill(sharp):
     assert_matches_eager(sharp, ids, outs[0][0], outs[0][1])
 
 
+def test_a_prompt_that_fits_one_pass_is_not_split_with_another(sharp):
+    """Requests arriving together: a prompt that fits one pass waits for the next rather than taking what
+    is left of this one (each then gets its first token a pass sooner or as soon); a prompt longer than a
+    pass is chunked from whatever is left, as before. Outputs equal each request alone."""
+    engine = Engine(sharp, 4096, prefill_chunk=64)
+    passes = []
+    step = engine._pass
+
+    def recording(plan):
+        passes.append([(len(row.stream.prompt_ids), n) for row, n in plan])
+        return step(plan)
+
+    engine._pass = recording
+    ids = prompts(40, 40, 100)
+
+    async def scenario():
+        streams = engine.submit_many([(p, greedy(2, logprobs=0)) for p in ids])
+        engine.start()  # all three are queued before the first pass
+        return await asyncio.gather(*(collect(s) for s in streams))
+
+    try:
+        outs = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert passes[:2] == [[(40, 40)], [(40, 1), (40, 40), (100, 24)]]  # old: [(40, 40), (40, 24)] first
+    for p, (tokens, logprobs, finish) in zip(ids, outs, strict=True):
+        assert finish == "length"
+        assert_matches_eager(sharp, p, tokens, logprobs)
+
+
 def test_preemption_recomputes_and_changes_nothing(sharp):
     """A pool too small for every running sequence to grow: the latest admitted are preempted, wait, and
     are recomputed; greedy and seeded outputs are those of each request alone."""

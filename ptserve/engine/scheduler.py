@@ -432,6 +432,13 @@ class Engine:
                 hit = self.blocks.lookup(row.keys[:known])
                 computed = len(hit) * self.block_size
             pending = len(row.tokens) - computed
+            if prefill_budget < pending <= self.prefill_chunk and prefill_budget < self.prefill_chunk:
+                # A prompt that fits one pass is not split over two when this pass already prefills
+                # another: it goes first in the next, whole. Requests arriving together then finish
+                # one per pass instead of sharing passes (4 chat turns of ~280 new tokens: first tokens
+                # after 1, 2, 3 and 4 short passes, not 1, 2, 2 and 3 full ones).
+                self.blocks.release(hit)
+                return
             n = min(pending, prefill_budget)
             need = -(-(computed + n) // self.block_size) - len(hit)
             # keep a few blocks for running rows to grow into; with none running, the whole pool may go
