@@ -126,15 +126,10 @@ class _WorkerCollector:
         for name, stats in sorted(workers.items()):
             up.add_metric([name], 1.0 if now - stats.get("time", 0) < STALE_AFTER_S else 0.0)
         yield up
-        for key, (metric, doc) in WORKER_GAUGES.items():
-            gauge = GaugeMetricFamily(metric, doc, labels=["worker"])
-            for name, stats in sorted(workers.items()):
-                if key in stats:
-                    gauge.add_metric([name], float(stats[key]))
-            yield gauge
-        for key, (metric, doc) in WORKER_COUNTERS.items():
-            counter = CounterMetricFamily(metric, doc, labels=["worker"])
-            for name, stats in sorted(workers.items()):
-                if key in stats:
-                    counter.add_metric([name], float(stats[key]))
-            yield counter
+        for table, family in ((WORKER_GAUGES, GaugeMetricFamily), (WORKER_COUNTERS, CounterMetricFamily)):
+            for key, (metric, doc) in table.items():
+                series = family(metric, doc, labels=["worker"])
+                for name, stats in sorted(workers.items()):
+                    if key in stats:
+                        series.add_metric([name], float(stats[key]))
+                yield series

@@ -111,13 +111,14 @@ class PagedBatch:
     def build(cls, pool: KVPool, rows: list[tuple[int, int, list[int]]], use_varlen: bool) -> PagedBatch:
         """rows: (start, new tokens, block table) per row, in batch order."""
         device, bs = pool.device, pool.block_size
-        slots, single, single_tables, single_lens, segments = [], [], [], [], []
+        slots, single, single_tables, single_lens, segments, used_tables = [], [], [], [], [], []
         q = 0
         for start, n, table in rows:
             pos = range(start, start + n)
             slots += [table[p // bs] * bs + p % bs for p in pos]
             end = start + n
             used = table[: -(-end // bs)]
+            used_tables.append(used)
             if n == 1:
                 single.append(q)
                 single_tables.append(used)
@@ -130,16 +131,13 @@ class PagedBatch:
         if use_varlen:
             lens = [n for _, n, _ in rows]
             ends = [s + n for s, n, _ in rows]
-            width = max(-(-e // bs) for e in ends)
+            width = max(len(used) for used in used_tables)
             cu = [0]
             for n in lens:
                 cu.append(cu[-1] + n)
             batch.cu_seq_q = torch.tensor(cu, dtype=torch.int32, device=device)
             batch.seqused_k = torch.tensor(ends, dtype=torch.int32, device=device)
-            padded = []
-            for (_, _, table), end in zip(rows, ends, strict=True):
-                used = table[: -(-end // bs)]
-                padded.append(used + [NULL_BLOCK] * (width - len(used)))
+            padded = [used + [NULL_BLOCK] * (width - len(used)) for used in used_tables]
             batch.block_table = torch.tensor(padded, dtype=torch.int32, device=device)
             batch.max_q, batch.max_k = max(lens), max(ends)
         elif single:
@@ -160,8 +158,8 @@ class PagedBatch:
 
     @classmethod
     def decode(cls, pool: KVPool, slots, tables, lens, use_varlen: bool = False) -> PagedBatch:
-        """A pass of rows with one new token each, from tensors only (traceable: `engine.DecodeStep`
-        compiles it). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
+        """A pass of rows with one new token each, from tensors only (traceable: `Engine._decode_step`
+        is compiled). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
         with the new one."""
         batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
         if use_varlen:
@@ -232,9 +230,8 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
 def _two_part(q, k_before, v_before, k_own, v_own, scaling, gqa: bool) -> torch.Tensor:
     """Attention of a chunk's queries over the keys before it (all visible) and its own (causal), as two
     unmasked kernel calls merged by their log-sum-exps: what one call over both with a mask gives, up to
-    float rounding (each part is rounded to the model's dtype before the merge); that call costs ~25% more
-    on the CPU (the kernel converts the mask and reads it; here neither is
-    built). [1, H, n, D] -> [1, H, n, D]."""
+    float rounding (each part is rounded to the model's dtype before the merge). That call costs ~25% more
+    on the CPU: the kernel converts the mask and reads it; here there is none. [1, H, n, D] -> [1, H, n, D]."""
     if q.device.type != "cpu":  # the masked call (CUDA without FlashAttention's varlen kernel)
         n, before = q.shape[2], k_before.shape[2]
         t = torch.arange(n, device=q.device).unsqueeze(1)

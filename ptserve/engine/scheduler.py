@@ -582,6 +582,10 @@ class Engine:
         return self._forward(batch, input_ids, position_ids, prefill)[0]  # [T, H]
 
     def _forward(self, batch: PagedBatch, input_ids, position_ids, prefill: bool) -> torch.Tensor:
+        return self._hidden(batch, input_ids, position_ids)
+
+    def _hidden(self, batch: PagedBatch, input_ids, position_ids) -> torch.Tensor:
+        """The model's last hidden states for a pass laid out by `batch`: [1, T] ids -> [1, T, H]."""
         out = self._base(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -620,14 +624,7 @@ class Engine:
         """One decoding pass from tensors only (what torch.compile traces): [1, B] ids and positions, [B]
         slots, [B, W] block tables, [B] lengths -> hidden states [B, H]."""
         batch = PagedBatch.decode(self.pool, slots, tables, lens, self.use_varlen)
-        out = self._base(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=self._no_mask,
-            use_cache=False,
-            paged=batch,
-        )
-        return out.last_hidden_state[0]
+        return self._hidden(batch, input_ids, position_ids)[0]
 
     def _advance(self, plan: list[tuple[_Row, int]], hidden: torch.Tensor) -> None:
         offset = 0
