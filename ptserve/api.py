@@ -49,6 +49,7 @@ from ptserve.link import WorkerLink, dead_engines, exit_with_parent
 from ptserve.logs import configure_logging, request_id_var
 from ptserve.metrics import CONTENT_TYPE, HttpMetrics, TokenClock
 from ptserve.protocol import validate_request
+from ptserve.transport import PushPullTransport
 from ptserve.worker import Shared, Worker
 
 logger = logging.getLogger(__name__)
@@ -522,6 +523,7 @@ class _Server(ls.LitServer):
 
     def _init_manager(self, num_api_servers: int):
         manager = super()._init_manager(num_api_servers)
+        self._transport = PushPullTransport.create(num_api_servers)  # not the manager queues (ptserve/transport.py)
         shared = self.shared = Shared(cancelled=manager.dict(), stats=manager.dict())
         for lit_api in self.litapi_connector:
             lit_api.shared = shared
@@ -588,7 +590,6 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
         workers_per_device=config.server.workers_per_device,
         timeout=False,
         middlewares=middlewares,
-        fast_queue=True,
     )
     # On SIGTERM uvicorn stops accepting and lets in-flight requests finish for this long, then cancels them.
     server.uvicorn_graceful_timeout = config.server.shutdown_timeout_s

@@ -1,0 +1,97 @@
+"""The workers' messages to the HTTP process (ptserve/transport.py): nothing lost, each worker's in order,
+whatever the timing; the server uses this transport, not LitServe's manager queues."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import pickle
+from queue import Empty
+
+import pytest
+
+from ptserve.transport import PushPullTransport
+
+LARGE = 100_000  # bytes: sent without a copy (the path for messages over 64 KiB)
+
+
+def produce(transport: PushPullTransport, worker: int, count: int) -> None:
+    """A worker process: `count` messages to consumer 0, every 100th a large one."""
+    for i in range(count):
+        payload = b"x" * LARGE if i % 100 == 0 else b""
+        transport.send((f"w{worker}", (i, payload)), consumer_id=0)
+    transport.close()
+
+
+def receive(transport: PushPullTransport, count: int, start_producers) -> list:
+    async def main():
+        # the producers start (and send) before the consumer has bound its socket
+        procs = start_producers()
+        await asyncio.sleep(0.5)
+        got = [await transport.areceive(0, timeout=10) for _ in range(count)]  # Empty if one is lost
+        with pytest.raises(Empty):  # and nothing more
+            await transport.areceive(0, timeout=0.2)
+        return got, procs
+
+    got, procs = asyncio.run(main())
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    return got
+
+
+def test_every_message_arrives_in_order_even_sent_before_the_consumer_binds():
+    transport = PushPullTransport.create(1)
+    ctx = multiprocessing.get_context("spawn")  # as LitServe starts its workers
+    count = 5000
+
+    def start():
+        procs = [ctx.Process(target=produce, args=(transport, w, count)) for w in (0, 1)]
+        for p in procs:
+            p.start()
+        return procs
+
+    try:
+        got = receive(transport, 2 * count, start)
+    finally:
+        transport.close()
+    for worker in ("w0", "w1"):
+        mine = [body for who, body in got if who == worker]
+        assert [i for i, _ in mine] == list(range(count))  # all of them, in the order sent
+        assert all(len(payload) == (LARGE if i % 100 == 0 else 0) for i, payload in mine)
+
+
+def test_it_crosses_processes_by_its_addresses_and_its_maker_removes_the_socket_files():
+    transport = PushPullTransport.create(2)
+    copy = pickle.loads(pickle.dumps(transport))
+    assert copy.addresses == transport.addresses and len(set(transport.addresses)) == 2
+    assert all(a.startswith("ipc://") for a in transport.addresses)
+
+    async def bind():
+        with pytest.raises(Empty):
+            await copy.areceive(1, timeout=0.05)  # binds consumer 1's socket
+
+    asyncio.run(bind())
+    path = transport.addresses[1].removeprefix("ipc://")
+    assert os.path.exists(path)
+    copy.close()  # a consumer's close leaves the file to the maker
+    assert os.path.exists(path)
+    transport.close()
+    assert not os.path.exists(path)
+
+
+def test_the_server_sends_worker_messages_over_it(tiny_model_dir):
+    """LitServe's own `fast_queue=True` is silently ignored (Lightning-AI/LitServe#751): the server must
+    install this transport itself."""
+    from ptserve.api import build_server
+    from ptserve.config import load_config
+
+    config = load_config(None, environ={}, overrides={("model", "id"): str(tiny_model_dir)})
+    server = build_server(config)
+    manager = server._init_manager(1)
+    try:
+        assert isinstance(server._transport, PushPullTransport)
+    finally:
+        server._transport.close()
+        manager.shutdown()
