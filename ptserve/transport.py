@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import sys
 import tempfile
 import threading
 import uuid
@@ -41,7 +42,9 @@ class PushPullTransport(MessageTransport):
 
     @classmethod
     def create(cls, consumers: int) -> PushPullTransport:
-        base = os.path.join(tempfile.gettempdir(), f"ptserve-{uuid.uuid4().hex[:16]}")
+        name = f"ptserve-{uuid.uuid4().hex[:16]}"
+        # Linux: sockets in the abstract namespace, which leave no file behind a killed server
+        base = f"@{name}" if sys.platform.startswith("linux") else os.path.join(tempfile.gettempdir(), name)
         transport = cls([f"ipc://{base}-{i}.ipc" for i in range(consumers)])
         transport._owner = True
         return transport
@@ -70,8 +73,6 @@ class PushPullTransport(MessageTransport):
             raise asyncio.CancelledError("transport closed")
         if self._puller is None:
             address = self.addresses[consumer_id]
-            with suppress(FileNotFoundError):  # left by a process that was killed
-                os.unlink(address.removeprefix("ipc://"))
             self._puller = zmq.asyncio.Context.instance().socket(zmq.PULL)
             self._puller.setsockopt(zmq.RCVHWM, 0)
             self._puller.setsockopt(zmq.LINGER, 0)
@@ -98,5 +99,6 @@ class PushPullTransport(MessageTransport):
             self._puller = None
         if self._owner:
             for address in self.addresses:
-                with suppress(OSError):
-                    os.unlink(address.removeprefix("ipc://"))
+                if not address.startswith("ipc://@"):
+                    with suppress(OSError):
+                        os.unlink(address.removeprefix("ipc://"))
