@@ -106,9 +106,11 @@ def served(tmp_path_factory, name: str, config_text: str | None, args: tuple[str
 
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
-    """The real server on loopback: tiny model, two API keys, a 512-token context."""
+    """The real server on loopback: tiny model in float32, two API keys, a 512-token context. float32: tests
+    compare outputs exactly (a prompt read from the prefix cache must answer as when computed), and in
+    bf16 (`auto` on a CPU with AMX) the two attention paths' roundings can flip a near-tie greedy token."""
     text = (
-        f"model:\n  id: {tiny_model_dir}\n  max_context_length: {TEST_CONTEXT}\n"
+        f"model:\n  id: {tiny_model_dir}\n  dtype: float32\n  max_context_length: {TEST_CONTEXT}\n"
         "server:\n  cors_origins: ['http://example.test']\n"
     )
     with served(tmp_path_factory, "server", text, ("--api-key", API_KEY, "--api-key", SECOND_KEY)) as srv:

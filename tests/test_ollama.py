@@ -159,10 +159,10 @@ def test_version_tags_show_and_ps(server, client, parameters, tokenizer):
         "family": "phi3",
         "families": ["phi3"],
         "parameter_size": human_count(parameters),
-        "quantization_level": "BF16",
+        "quantization_level": "F32",  # the test server loads the weights in float32
     }
     [listed] = client.list().models
-    assert (listed.model, listed.size, listed.details.model_dump()) == (LISTED, parameters * 2, details)
+    assert (listed.model, listed.size, listed.details.model_dump()) == (LISTED, parameters * 4, details)
     assert len(listed.digest) == 64 and int(listed.digest, 16) >= 0 and listed.modified_at.year >= 2024
     tags = httpx.get(server.base_url + "/api/tags", headers=AUTH).json()["models"][0]
     assert tags["name"] == tags["model"] == LISTED
@@ -188,7 +188,7 @@ def test_version_tags_show_and_ps(server, client, parameters, tokenizer):
 
     [running] = client.ps().models
     assert (running.model, running.name, running.context_length) == (LISTED, LISTED, TEST_CONTEXT)
-    assert running.size == parameters * 2 and running.expires_at.year == 9999
+    assert running.size == parameters * 4 and running.expires_at.year == 9999
 
 
 # -- tier 3: /api/chat ----------------------------------------------------------------------------------

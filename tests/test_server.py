@@ -60,7 +60,8 @@ def chat(server, **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0)
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0) as client:
+        yield client  # closed after: an open pooled connection warns when collected (warnings are errors)
 
 
 # -- plumbing -----------------------------------------------------------------------------------------
@@ -382,9 +383,9 @@ def test_sdk_raises_typed_errors(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=USER, temperature=9)
     assert err.value.param == "temperature"
-    bad = openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
-        bad.chat.completions.create(model=MODEL, messages=USER)
+    with openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model=MODEL, messages=USER)
 
 
 def test_cors_preflight(server):
