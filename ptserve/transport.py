@@ -10,17 +10,21 @@ Here each consumer (HTTP server process) binds one PULL socket; each worker conn
 it. A send is queued to ZeroMQ's I/O thread and returns; nothing is dropped (no high-water mark: a
 backlog waits in memory, as it did in the manager's queue) and one worker's messages arrive in order.
 The object crosses process boundaries by its addresses only (`__reduce__`); sockets are opened where used.
+
+The sockets are files in a directory only the server's user can enter (mkdtemp, 0700): what arrives is
+unpickled, so no other local user may connect (the manager's queue had its authkey; a socket in Linux's
+abstract namespace would have no permissions at all). The server's main process removes the directory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
-import sys
+import shutil
 import tempfile
 import threading
-import uuid
 from contextlib import suppress
 from queue import Empty
 from typing import Any
@@ -28,6 +32,8 @@ from typing import Any
 import zmq
 import zmq.asyncio
 from litserve.transport.base import MessageTransport
+
+logger = logging.getLogger(__name__)
 
 
 class PushPullTransport(MessageTransport):
@@ -38,14 +44,12 @@ class PushPullTransport(MessageTransport):
         self._puller: zmq.asyncio.Socket | None = None
         self._lock = threading.Lock()  # a ZeroMQ socket is not thread-safe
         self._closed = False
-        self._owner = False  # the server's main process, which made the addresses, removes their files
+        self._owner = False  # the server's main process, which made the directory, removes it
 
     @classmethod
     def create(cls, consumers: int) -> PushPullTransport:
-        name = f"ptserve-{uuid.uuid4().hex[:16]}"
-        # Linux: sockets in the abstract namespace, which leave no file behind a killed server
-        base = f"@{name}" if sys.platform.startswith("linux") else os.path.join(tempfile.gettempdir(), name)
-        transport = cls([f"ipc://{base}-{i}.ipc" for i in range(consumers)])
+        folder = tempfile.mkdtemp(prefix="ptserve-")  # mode 0700
+        transport = cls([f"ipc://{folder}/{i}.ipc" for i in range(consumers)])
         transport._owner = True
         return transport
 
@@ -81,7 +85,11 @@ class PushPullTransport(MessageTransport):
             data = await asyncio.wait_for(self._puller.recv(), timeout) if timeout else await self._puller.recv()
         except asyncio.TimeoutError:
             raise Empty from None
-        return pickle.loads(data)
+        try:
+            return pickle.loads(data)
+        except Exception:  # LitServe's reader stops for good on an exception; it skips None
+            logger.exception("dropped an unreadable message of %d bytes", len(data))
+            return None
 
     def close(self, send_sentinel: bool = False) -> None:
         """Close this process's sockets; a sender's close returns once what it queued is delivered (or after
@@ -98,7 +106,5 @@ class PushPullTransport(MessageTransport):
             self._puller.close(linger=0)
             self._puller = None
         if self._owner:
-            for address in self.addresses:
-                if not address.startswith("ipc://@"):
-                    with suppress(OSError):
-                        os.unlink(address.removeprefix("ipc://"))
+            with suppress(OSError):
+                shutil.rmtree(os.path.dirname(self.addresses[0].removeprefix("ipc://")))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import pickle
-import sys
+import stat
 from queue import Empty
 
 import pytest
+import zmq
 
 from ptserve.transport import PushPullTransport
 
@@ -62,34 +64,32 @@ def test_every_message_arrives_in_order_even_sent_before_the_consumer_binds():
         assert all(len(payload) == (LARGE if i % 100 == 0 else 0) for i, payload in mine)
 
 
-def test_it_crosses_processes_by_its_addresses_and_leaves_no_socket_file(tmp_path):
+def test_it_crosses_processes_by_its_addresses_in_a_folder_only_its_user_can_enter():
     transport = PushPullTransport.create(2)
     copy = pickle.loads(pickle.dumps(transport))
     assert copy.addresses == transport.addresses and len(set(transport.addresses)) == 2
-    if sys.platform.startswith("linux"):  # the abstract namespace: nothing in the file system at all
-        assert all(a.startswith("ipc://@ptserve-") for a in transport.addresses)
-    else:
-        assert all(a.startswith("ipc://") for a in transport.addresses)
+    paths = [a.removeprefix("ipc://") for a in transport.addresses]
+    folder = os.path.dirname(paths[0])
+    assert all(a.startswith("ipc://") for a in transport.addresses) and all(os.path.dirname(p) == folder for p in paths)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700  # messages are unpickled: no other user may send
 
-    def bind(t: PushPullTransport) -> None:
-        async def main():
-            with pytest.raises(Empty):
-                await t.areceive(1, timeout=0.05)  # binds consumer 1's socket
+    async def bind_and_receive_junk():
+        with pytest.raises(Empty):
+            await copy.areceive(1, timeout=0.05)  # binds consumer 1's socket
+        junk = zmq.Context.instance().socket(zmq.PUSH)
+        junk.connect(transport.addresses[1])
+        junk.send(b"not a pickle")
+        assert await copy.areceive(1, timeout=5) is None  # dropped, and the reader goes on
+        transport.send(("uid", "after"), consumer_id=1)
+        assert await copy.areceive(1, timeout=5) == ("uid", "after")
+        junk.close(linger=0)
 
-        asyncio.run(main())
-
-    bind(copy)
-    copy.close()
+    asyncio.run(bind_and_receive_junk())
+    assert os.path.exists(paths[1])
+    copy.close()  # a consumer's close leaves the folder to the maker
+    assert os.path.exists(paths[1])
     transport.close()
-    # elsewhere, a path in the file system: a consumer's close leaves it, the maker's removes it
-    elsewhere = PushPullTransport([f"ipc://{tmp_path}/a.ipc", f"ipc://{tmp_path}/b.ipc"])
-    elsewhere._owner = True
-    consumer = pickle.loads(pickle.dumps(elsewhere))
-    bind(consumer)
-    consumer.close()
-    assert (tmp_path / "b.ipc").exists()
-    elsewhere.close()
-    assert not (tmp_path / "b.ipc").exists()
+    assert not os.path.exists(folder)
 
 
 def test_the_server_sends_worker_messages_over_it(tiny_model_dir):
