@@ -55,7 +55,8 @@ def test_batch_answers_each_prompt_as_alone(llm):
 def client_answer(server):
     import openai
 
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0)
-    return client.chat.completions.create(
-        model="phi-3.5-mini-instruct", messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=12
-    )
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0) as client:
+        messages = [{"role": "user", "content": QUESTION}]
+        return client.chat.completions.create(
+            model="phi-3.5-mini-instruct", messages=messages, temperature=0, max_tokens=12
+        )

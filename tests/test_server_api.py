@@ -279,25 +279,25 @@ def validate_legacy_chunk(chunk: dict) -> None:
 
 
 def test_completion_stream_with_the_openai_sdk(server):
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0)
-    whole = client.completions.create(model=MODEL, prompt="Era uma vez", max_tokens=8, temperature=0)
-    pieces, finish, usage = [], None, None
-    for chunk in client.completions.create(
-        model=MODEL,
-        prompt="Era uma vez",
-        max_tokens=8,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    ):
-        validate_legacy_chunk(chunk.model_dump(exclude_unset=True))
-        for c in chunk.choices:
-            pieces.append(c.text)
-            finish = c.finish_reason or finish
-        usage = chunk.usage or usage
-    assert "".join(pieces) == whole.choices[0].text
-    assert finish == whole.choices[0].finish_reason
-    assert usage.completion_tokens == whole.usage.completion_tokens
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0) as client:
+        whole = client.completions.create(model=MODEL, prompt="Era uma vez", max_tokens=8, temperature=0)
+        pieces, finish, usage = [], None, None
+        for chunk in client.completions.create(
+            model=MODEL,
+            prompt="Era uma vez",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            validate_legacy_chunk(chunk.model_dump(exclude_unset=True))
+            for c in chunk.choices:
+                pieces.append(c.text)
+                finish = c.finish_reason or finish
+            usage = chunk.usage or usage
+        assert "".join(pieces) == whole.choices[0].text
+        assert finish == whole.choices[0].finish_reason
+        assert usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_completion_bad_input(server):
@@ -383,19 +383,19 @@ def test_client_that_goes_away_frees_its_sequence(server, stream):
 
 
 def test_openai_sdk_reads_n_and_logprobs(server):
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=SECOND_KEY, max_retries=0)
-    reply = client.chat.completions.create(
-        model=MODEL,
-        messages=USER,
-        n=2,
-        logprobs=True,
-        top_logprobs=2,
-        max_tokens=4,
-        temperature=1.0,
-        seed=5,
-        extra_body={"ignore_eos": True},
-    )
-    assert [c.index for c in reply.choices] == [0, 1] and reply.usage.completion_tokens == 8
-    for choice in reply.choices:
-        assert len(choice.logprobs.content) == 4 and choice.finish_reason == "length"
-        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=SECOND_KEY, max_retries=0) as client:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=USER,
+            n=2,
+            logprobs=True,
+            top_logprobs=2,
+            max_tokens=4,
+            temperature=1.0,
+            seed=5,
+            extra_body={"ignore_eos": True},
+        )
+        assert [c.index for c in reply.choices] == [0, 1] and reply.usage.completion_tokens == 8
+        for choice in reply.choices:
+            assert len(choice.logprobs.content) == 4 and choice.finish_reason == "length"
+            assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)

@@ -189,7 +189,8 @@ def test_constrained_and_free_requests_together(server):
 # -- clients --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0)
+    with openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0) as client:
+        yield client
 
 
 def test_openai_streaming_helper_accumulates_tool_calls(client):
