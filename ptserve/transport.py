@@ -13,19 +13,19 @@ The object crosses process boundaries by its addresses only (`__reduce__`); sock
 
 The sockets are files in a directory only the server's user can enter (mkdtemp, 0700): what arrives is
 unpickled, so no other local user may connect (the manager's queue had its authkey; a socket in Linux's
-abstract namespace would have no permissions at all). The server's main process removes the directory.
+abstract namespace would have no permissions at all). The server's main process removes it when it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import pickle
 import shutil
 import tempfile
 import threading
-from contextlib import suppress
 from queue import Empty
 from typing import Any
 
@@ -44,14 +44,19 @@ class PushPullTransport(MessageTransport):
         self._puller: zmq.asyncio.Socket | None = None
         self._lock = threading.Lock()  # a ZeroMQ socket is not thread-safe
         self._closed = False
-        self._owner = False  # the server's main process, which made the directory, removes it
 
     @classmethod
     def create(cls, consumers: int) -> PushPullTransport:
+        """Addresses in a new folder, removed when this process exits: not at `close()`, which LitServe calls
+        before the HTTP processes have drained their streams (a worker's first connection would then find
+        no socket)."""
         folder = tempfile.mkdtemp(prefix="ptserve-")  # mode 0700
-        transport = cls([f"ipc://{folder}/{i}.ipc" for i in range(consumers)])
-        transport._owner = True
-        return transport
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return cls([f"ipc://{folder}/{i}.ipc" for i in range(consumers)])
+
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(self.addresses[0].removeprefix("ipc://"))
 
     def __reduce__(self):
         return PushPullTransport, (self.addresses,)
@@ -105,6 +110,3 @@ class PushPullTransport(MessageTransport):
         if self._puller is not None:
             self._puller.close(linger=0)
             self._puller = None
-        if self._owner:
-            with suppress(OSError):
-                shutil.rmtree(os.path.dirname(self.addresses[0].removeprefix("ipc://")))

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import stat
+import tempfile
 from queue import Empty
 
 import pytest
@@ -69,7 +70,7 @@ def test_it_crosses_processes_by_its_addresses_in_a_folder_only_its_user_can_ent
     copy = pickle.loads(pickle.dumps(transport))
     assert copy.addresses == transport.addresses and len(set(transport.addresses)) == 2
     paths = [a.removeprefix("ipc://") for a in transport.addresses]
-    folder = os.path.dirname(paths[0])
+    folder = transport.folder
     assert all(a.startswith("ipc://") for a in transport.addresses) and all(os.path.dirname(p) == folder for p in paths)
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700  # messages are unpickled: no other user may send
 
@@ -85,11 +86,23 @@ def test_it_crosses_processes_by_its_addresses_in_a_folder_only_its_user_can_ent
         junk.close(linger=0)
 
     asyncio.run(bind_and_receive_junk())
-    assert os.path.exists(paths[1])
-    copy.close()  # a consumer's close leaves the folder to the maker
-    assert os.path.exists(paths[1])
+    copy.close()
     transport.close()
-    assert not os.path.exists(folder)
+    assert os.path.exists(paths[1])  # close leaves the folder: streams may still be draining
+
+
+def made_in_a_child(queue) -> None:
+    queue.put(PushPullTransport.create(1).folder)
+
+
+def test_the_folder_goes_when_the_process_that_made_it_exits():
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=made_in_a_child, args=(queue,))
+    child.start()
+    folder = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0 and folder.startswith(tempfile.gettempdir()) and not os.path.exists(folder)
 
 
 def test_the_server_sends_worker_messages_over_it(tiny_model_dir):
