@@ -2,7 +2,8 @@
 
 LitServe's default transport is a multiprocessing-manager queue: every message a worker sends is a round
 trip to the manager process, made on the worker's event loop while the engine thread waits for the GIL
-(at one stream on the `cheap` bench model, ~0.5 ms of each token's ~2.9 ms). Its `fast_queue=True`
+(`cheap` bench model: ~0.25 ms of each token's ~3.1 ms at one stream; at 16 and 64 streams the path
+itself was the limit, 1,062 and 1,562 tok/s against 1,879 and 2,758 without it). Its `fast_queue=True`
 (ZeroMQ) is silently ignored in LitServe 0.2.19 (Lightning-AI/LitServe#751: the config keyword is
 misspelt) and, were it on, is PUB/SUB: miswired there, and a subscriber that falls behind loses messages.
 
