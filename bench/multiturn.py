@@ -2,7 +2,7 @@
 
     python bench/multiturn.py [--conversations 4] [--turns 8] [--user-tokens 200] [--max-tokens 64]
                               [--servers ptserve,ptserve-nocache,vllm,vllm-nocache] [--vllm-dtypes float32]
-                              [--shape bench512|phi35] [--out FILE]
+                              [--shape bench512|phi35|phi35-4l] [--out FILE]
 
 The workload of the prefix-caching issue: N conversations run at once, each of T turns; within a conversation
 a turn is sent when the previous answer has arrived, as a chat front-end does, resending the whole history.
@@ -45,7 +45,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import emit  # noqa: E402
-from bench.serve import OUT, SHAPES, Server, build_model, free_port, machine, stream_chat  # noqa: E402
+from bench.serve import MODEL_DIRS, OUT, SHAPES, Server, build_model, free_port, machine, stream_chat  # noqa: E402
 from ptserve.config import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 
 SERVERS = ("ptserve", "ptserve-nocache", "vllm", "vllm-nocache")
@@ -184,8 +184,13 @@ def main() -> None:
     parser.add_argument("--user-tokens", type=int, default=200, help="tokens of each user message (about)")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens of each answer")
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated, of {', '.join(SERVERS)}")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench512", help="phi35: Phi-3.5-mini's shape")
-    parser.add_argument("--model-dir", type=Path, help="default: bench/out/phi3-bench512 or bench/out/phi3.5-shape")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="bench512",
+        help="phi35: Phi-3.5-mini's shape; phi35-4l: 4 of its layers",
+    )
+    parser.add_argument("--model-dir", type=Path, help="default: bench/out/<the shape's folder> (MODEL_DIRS)")
     parser.add_argument(
         "--vllm-python",
         default="/tmp/vllm-venv/bin/python",
@@ -199,8 +204,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown servers {unknown}; allowed: {', '.join(SERVERS)}")
     OUT.mkdir(parents=True, exist_ok=True)
-    default_dir = {"bench512": "phi3-bench512", "phi35": "phi3.5-shape"}[args.shape]
-    model_dir = build_model(args.model_dir or OUT / default_dir, args.shape)
+    model_dir = build_model(args.model_dir or OUT / MODEL_DIRS[args.shape], args.shape)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

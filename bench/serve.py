@@ -1,7 +1,7 @@
 """Serving benchmark: ptserve side by side with a peer server, same model, same requests, same run.
 
     python bench/serve.py [--levels 1,16,64] [--max-tokens 64] [--prompt-tokens N [--prompt-spread S]]
-                          [--shape bench512|cheap|phi35]
+                          [--shape bench512|cheap|phi35|phi35-4l]
                           [--quantization none,4bit,8bit] [--peer transformers|vllm|all|none] [--out FILE]
 
 Builds (once) a random-weight Phi-3 in bench/out/: by default hidden 512, 8 layers, 8 heads,
@@ -49,7 +49,13 @@ SHAPES = {
     # Phi-3.5-mini-instruct's exact shape (3.8B parameters, 7.64 GB in bf16): speed does not depend on
     # the weights' values. Its real config: 131072 positions, LongRoPE from 4096.
     "phi35": dict(hidden=3072, layers=32, heads=32, intermediate=8192),
+    # 4 of Phi-3.5-mini's 32 layers, each of its exact shape (650M parameters, 453M in the layers): a
+    # token's work in a layer splits between matmuls and attention, and a pass's temporaries are as large,
+    # as in Phi-3.5, at a speed a 2-core CPU can run (bench/multiturn.py --shape phi35-4l).
+    "phi35-4l": dict(hidden=3072, layers=4, heads=32, intermediate=8192),
 }
+# Where each shape's model is built (once), under bench/out/.
+MODEL_DIRS = {"bench512": "phi3-bench512", "cheap": "phi3-cheap", "phi35": "phi3.5-shape", "phi35-4l": "phi3.5-4layers"}
 SYSTEM = "Você é um assistente virtual prestativo."
 
 
@@ -327,7 +333,12 @@ def main() -> None:
         default=0,
         help="with --prompt-tokens: request i's prompt has prompt-tokens + i x this many (lengths that differ)",
     )
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench512", help="phi35: Phi-3.5-mini's shape")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="bench512",
+        help="phi35: Phi-3.5-mini's shape; phi35-4l: 4 of its layers",
+    )
     parser.add_argument(
         "--quantization", default="none", help="ptserve's modes to run, comma-separated: none, 4bit, 8bit"
     )
@@ -343,13 +354,12 @@ def main() -> None:
         default="auto,float32",
         help="transformers serve --dtype values to run: auto (the issue's command) and ptserve's CPU dtype",
     )
-    parser.add_argument("--model-dir", type=Path, help="default: bench/out/phi3-bench512 or bench/out/phi3.5-shape")
+    parser.add_argument("--model-dir", type=Path, help="default: bench/out/<the shape's folder> (MODEL_DIRS)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.levels.split(",")]
-    default_dir = {"bench512": "phi3-bench512", "cheap": "phi3-cheap", "phi35": "phi3.5-shape"}[args.shape]
-    model_dir = build_model(args.model_dir or OUT / default_dir, args.shape)
+    model_dir = build_model(args.model_dir or OUT / MODEL_DIRS[args.shape], args.shape)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -41,6 +41,7 @@ from starlette.middleware.cors import CORSMiddleware
 from ptserve import chatpage, streaming
 from ptserve.config import Config
 from ptserve.dialects import anthropic, ollama, responses, tokens
+from ptserve.engine.hostmem import one_arena
 from ptserve.errors import APIError, envelope, error_body, failure_error
 from ptserve.exchange import Deadline, Exchange, ReleasingStreamingResponse, parse_json, read_body
 from ptserve.frontend import Frontend, Prepared
@@ -612,5 +613,6 @@ def build_server(config: Config, frontend: Frontend | None = None) -> ls.LitServ
 def run(config: Config) -> bool:
     """Serve until stopped; False when the model failed to load or an engine failed for good."""
     server = build_server(config)
+    one_arena()  # in the engine processes LitServe spawns next (hostmem.py: why)
     server.run(host=config.server.host, port=config.server.port, generate_client_file=False, num_api_servers=1)
     return not (server.load_failed or server.engine_failed)
