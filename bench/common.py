@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,3 +39,15 @@ def emit(report: dict, out: Path | None) -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+async def sse_lines(response):
+    """A streamed response's lines as SSE ends them (LF, CR or CRLF only). httpx's aiter_lines also breaks
+    at U+2028, U+0085 and the like, which a peer's JSON may carry raw (vLLM's, on the random model's text)."""
+    buffer = ""
+    async for text in response.aiter_text():
+        *lines, buffer = re.split(r"\r\n|\r|\n", buffer + text)
+        for line in lines:
+            yield line
+    if buffer:
+        yield buffer

@@ -39,6 +39,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import sse_lines  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 SHAPES = {
     # The CPU benchmark's model: 58.5M parameters (25.7M in the layers).
@@ -205,7 +207,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, model: str, messages:
     usage, finish, text = None, None, []
     async with client.stream("POST", url, json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             data = json.loads(line[6:])

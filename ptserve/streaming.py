@@ -40,8 +40,19 @@ def cached_tokens(choices) -> int:
     return sum(c.cached_tokens for c in choices)
 
 
+# Characters JSON may carry raw that Python's str.splitlines() breaks lines at (as httpx's aiter_lines does,
+# which many hand-written SSE and NDJSON clients read with); JSON's own escapes are as valid and keep a line
+# one line for every reader. The others (\x0b, \x1c...) are control characters: json.dumps escapes them.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def one_line_json(payload: Any) -> str:
+    """Compact JSON, UTF-8 text kept as it is, that every line reader sees as one line."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+
+
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {one_line_json(payload)}\n\n"
 
 
 @dataclass

@@ -257,3 +257,24 @@ def test_draw_follows_the_distribution_and_never_picks_zero_mass():
     many = draw(probs.expand(20000, 5), torch.rand(20000, generator=gen))
     assert set(many.tolist()) == {1, 3}
     assert abs((many == 3).float().mean().item() - 0.75) < 0.02
+
+
+def test_streamed_lines_stay_one_line_for_python_line_readers():
+    """U+2028, U+2029 and U+0085 are valid raw in JSON, but str.splitlines() (httpx's aiter_lines, and so
+    many hand-written SSE/NDJSON clients) breaks lines at them: a token holding one cut a frame in two and
+    its JSON no longer parsed. Every streamed line escapes them."""
+    from ptserve.dialects import anthropic, ollama, responses
+
+    text = "a\u2028b\x85c\u2029d é"
+    frames = {
+        "chat": (streaming.sse({"t": text}), 1),
+        "anthropic": (anthropic._sse("content_block_delta", {"t": text}), 2),
+        "responses": (responses._sse({"type": "response.output_text.delta", "t": text}), 2),
+        "ollama": (ollama._line({"t": text}), 1),
+    }
+    for name, (frame, lines) in frames.items():
+        parts = frame.splitlines()
+        assert len([p for p in parts if p]) == lines, name
+        data = [p for p in parts if p][-1].removeprefix("data: ")
+        assert json.loads(data)["t"] == text, name
+        assert "é" in data  # other text is kept as UTF-8, not escaped

@@ -28,7 +28,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from ptserve.errors import invalid_request
-from ptserve.streaming import ChatChunks, Choice
+from ptserve.streaming import ChatChunks, Choice, one_line_json
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def error_response(status: int, openai_envelope: dict[str, Any], headers: dict[s
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"event: {event}\ndata: {one_line_json(data)}\n\n"
 
 
 # -- request ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse
 
 from ptserve.errors import APIError, invalid_request
 from ptserve.frontend import Prepared
-from ptserve.streaming import ChatChunks, Choice
+from ptserve.streaming import ChatChunks, Choice, one_line_json
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _now() -> str:
 
 
 def _line(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return one_line_json(payload) + "\n"
 
 
 # -- errors ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ then response.completed (or response.incomplete when max_output_tokens cut it).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ptserve.errors import invalid_request
-from ptserve.streaming import ChatChunks, Choice
+from ptserve.streaming import ChatChunks, Choice, one_line_json
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ def to_chat(body: Any) -> dict[str, Any]:
 
 # -- response ---------------------------------------------------------------------------------------------
 def _sse(data: dict[str, Any]) -> str:
-    return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"event: {data['type']}\ndata: {one_line_json(data)}\n\n"
 
 
 def _text_part(text: str) -> dict[str, Any]:
