@@ -138,6 +138,60 @@ def test_a_ragged_pass_attends_each_row_to_exactly_its_own_tokens():
         offset += n
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_runs_of_consecutive_blocks_are_read_in_place_and_change_nothing(monkeypatch, heads, kv_heads):
+    """Decoding rows whose tables hold runs of consecutive blocks (as prompts are allocated) attend alone,
+    reading them as views of the pool and gathering only the rest; the others are grouped as before. Same
+    numbers as attention of each row alone over its own keys (grouped-query heads too)."""
+    from ptserve.engine import paged
+    from ptserve.engine.paged import KVPool, PagedBatch, paged_attention
+
+    size = 8
+    pool = KVPool(1, 64, BS, kv_heads, size, torch.float32, "cpu")
+    monkeypatch.setattr(paged, "MIN_RUN_BYTES", 2 * pool.block_bytes)  # runs of 2 blocks or more
+    monkeypatch.setattr(paged, "MIN_ROW_BYTES", 3 * pool.block_bytes)  # holding 3 blocks or more
+    gen = torch.Generator().manual_seed(1)
+    for store in pool.keys + pool.values:
+        store.normal_(generator=gen)
+    # (tokens before this pass, new tokens, table): runs, single blocks between them, a partly filled last
+    # block in a run or alone; rows grouped as before (no run, too little in runs); prompt chunks
+    shapes = [
+        (69, 1, [10, 11, 12, 30, 31]),  # a run of 3, then a run of 2 holding 16 + 6 tokens
+        (50, 1, [20, 21, 22, 40]),  # a run, then the partly filled last block alone
+        (33, 1, [50, 2, 4]),  # no run: grouped
+        (50, 1, [5, 33, 34, 35, 36]),  # a single block, then a run
+        (40, 1, [23, 24, 41]),  # a run of 2 blocks only: grouped
+        (36, 7, [14, 15, 16, 60]),  # a chunk from mid-block 2
+        (0, 5, [7]),
+    ]
+    rows = [(start, n, table) for start, n, table in shapes]
+    total = sum(n for _, n, _ in shapes)
+    q = torch.randn(1, heads, total, size, generator=gen)
+    k = torch.randn(1, kv_heads, total, size, generator=gen)
+    v = torch.randn(1, kv_heads, total, size, generator=gen)
+    batch = PagedBatch.build(pool, rows, use_varlen=False)
+    assert [position for position, _ in batch.alone] == [0, 1, 3]
+    assert batch.alone[0][1].runs == [(10, 48), (30, 22)] and batch.alone[0][1].rest is None
+    assert batch.alone[1][1].runs == [(20, 48)] and batch.alone[1][1].rest.tolist() == [40]
+    assert batch.alone[1][1].rest_tokens == 3
+    assert batch.alone[2][1].runs == [(33, 35)] and batch.alone[2][1].rest.tolist() == [5]
+    assert batch.alone[2][1].rest_tokens == 16
+    assert batch.single_idx.tolist() == [2, 4]
+    layer = type("Layer", (), {"layer_idx": 0})()
+    out, _ = paged_attention(layer, q, k, v, None, 0.3, paged=batch)
+    offset = 0
+    for start, n, table in rows:
+        end = start + n
+        keys = pool.keys[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)  # [1, kvh, end, D]
+        values = pool.values[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
+        mask = torch.arange(end).unsqueeze(0) <= start + torch.arange(n).unsqueeze(1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, offset : offset + n], keys, values, attn_mask=mask, scale=0.3, enable_gqa=True
+        )
+        torch.testing.assert_close(out[0, offset : offset + n], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+        offset += n
+
+
 def test_prefix_lookup_references_and_lru_eviction():
     m = BlockManager(5, 4)  # 4 usable blocks
     keys = block_keys(list(range(12)), 4)
@@ -249,7 +303,19 @@ def assert_matches_eager(model, ids, tokens, logprobs, prompt_logprobs=None):
         assert [lp.logprob for lp in prompt_logprobs[1:]] == pytest.approx(reference[: len(ids) - 1], abs=ATOL)
 
 
-def test_ragged_chunked_paged_passes_equal_each_request_alone(sharp):
+@pytest.fixture(params=["gathered", "in place"])
+def reading(request, monkeypatch):
+    """How the CPU path reads a row's earlier keys: gathered (the tiny model's runs of blocks are far below
+    paged.MIN_RUN_BYTES), or every run of consecutive blocks of a decoding row in place."""
+    if request.param == "in place":
+        from ptserve.engine import paged
+
+        monkeypatch.setattr(paged, "MIN_RUN_BYTES", 0)
+        monkeypatch.setattr(paged, "MIN_ROW_BYTES", 0)
+    return request.param
+
+
+def test_ragged_chunked_paged_passes_equal_each_request_alone(sharp, reading):
     """Requests of lengths across block boundaries, arriving while others run, prompts in 7-token chunks:
     prefill chunks and decoding rows share passes and blocks sit anywhere in the pool."""
     ids = prompts(5, 16, 17, 40, 90)
@@ -263,7 +329,7 @@ def test_ragged_chunked_paged_passes_equal_each_request_alone(sharp):
         assert_matches_eager(sharp, p, tokens, logprobs, stream.prompt_logprobs)
 
 
-def test_prefix_cache_reuses_a_conversation_and_changes_nothing(sharp):
+def test_prefix_cache_reuses_a_conversation_and_changes_nothing(sharp, reading):
     """Turn 2 resends turn 1 (prompt and answer) plus a new message: the full blocks of what turn 1
     computed are reused; tokens and log-probabilities are those computed without the cache."""
     first, more = prompts(70, 30)
@@ -340,7 +406,7 @@ def test_a_prompt_that_fits_one_pass_is_not_split_with_another(sharp):
         assert_matches_eager(sharp, p, tokens, logprobs)
 
 
-def test_preemption_recomputes_and_changes_nothing(sharp):
+def test_preemption_recomputes_and_changes_nothing(sharp, reading):
     """A pool too small for every running sequence to grow: the latest admitted are preempted, wait, and
     are recomputed; greedy and seeded outputs are those of each request alone."""
     ids = prompts(20, 24, 28, 33)
