@@ -103,6 +103,22 @@ def test_decoding_rows_are_grouped_by_length_and_read_only_their_groups_blocks()
     assert batch.single_tables.shape == (6, 19) and batch.single_tables[0, 2:].eq(NULL_BLOCK).all()
 
 
+def assert_each_row_alone(pool, rows, q, out, scale=0.3):
+    """`out` [1, T, H, D] of a pass over `rows` (start, new tokens, table) is each row's attention alone over
+    its own keys, read back from the pool after the pass wrote them, causal over its new ones."""
+    offset = 0
+    for start, n, table in rows:
+        end = start + n
+        keys = pool.keys[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)  # [1, kvh, end, D]
+        values = pool.values[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
+        mask = torch.arange(end).unsqueeze(0) <= start + torch.arange(n).unsqueeze(1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, offset : offset + n], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        torch.testing.assert_close(out[0, offset : offset + n], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
+        offset += n
+
+
 def test_a_ragged_pass_attends_each_row_to_exactly_its_own_tokens():
     """The CPU path's numbers for a mixed pass (decoding rows out of length order, in groups of four and a
     last group of two, and prompt chunks from position 0 and after cached blocks) against attention of each
@@ -125,17 +141,7 @@ def test_a_ragged_pass_attends_each_row_to_exactly_its_own_tokens():
     v = torch.randn(1, kv_heads, total, size, generator=gen)
     layer = type("Layer", (), {"layer_idx": 0})()
     out, _ = paged_attention(layer, q, k, v, None, 0.3, paged=PagedBatch.build(pool, rows, use_varlen=False))
-    offset = 0
-    for start, n, table in rows:
-        end = start + n
-        keys = pool.keys[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)  # [1, kvh, end, D]
-        values = pool.values[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
-        mask = torch.arange(end).unsqueeze(0) <= start + torch.arange(n).unsqueeze(1)
-        want = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, offset : offset + n], keys, values, attn_mask=mask, scale=0.3, enable_gqa=True
-        )
-        torch.testing.assert_close(out[0, offset : offset + n], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
-        offset += n
+    assert_each_row_alone(pool, rows, q, out)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
@@ -179,17 +185,7 @@ def test_runs_of_consecutive_blocks_are_read_in_place_and_change_nothing(monkeyp
     assert batch.single_idx.tolist() == [2, 4]
     layer = type("Layer", (), {"layer_idx": 0})()
     out, _ = paged_attention(layer, q, k, v, None, 0.3, paged=batch)
-    offset = 0
-    for start, n, table in rows:
-        end = start + n
-        keys = pool.keys[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)  # [1, kvh, end, D]
-        values = pool.values[0][table].flatten(0, 1)[:end].transpose(0, 1).unsqueeze(0)
-        mask = torch.arange(end).unsqueeze(0) <= start + torch.arange(n).unsqueeze(1)
-        want = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, offset : offset + n], keys, values, attn_mask=mask, scale=0.3, enable_gqa=True
-        )
-        torch.testing.assert_close(out[0, offset : offset + n], want[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
-        offset += n
+    assert_each_row_alone(pool, rows, q, out)
 
 
 def test_prefix_lookup_references_and_lru_eviction():
