@@ -14,7 +14,9 @@ The object crosses process boundaries by its addresses only (`__reduce__`); sock
 
 The sockets are files in a directory only the server's user can enter (mkdtemp, 0700): what arrives is
 unpickled, so no other local user may connect (the manager's queue had its authkey; a socket in Linux's
-abstract namespace would have no permissions at all). The server's main process removes it when it exits.
+abstract namespace would have no permissions at all). The server's main process removes it when it exits;
+one killed before it could (SIGKILL, a crash) leaves it behind, and the next server removes those whose
+process is gone (the folder's name carries the pid).
 """
 
 from __future__ import annotations
@@ -37,6 +39,30 @@ from litserve.transport.base import MessageTransport
 logger = logging.getLogger(__name__)
 
 
+PREFIX = "ptserve-"  # then the pid of the process that made the folder, "-", mkdtemp's random part
+
+
+def _remove_stale_folders() -> None:
+    """Remove this user's socket folders whose process no longer runs (killed before its atexit ran)."""
+    root = tempfile.gettempdir()
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.removeprefix(PREFIX).split("-", 1)[0]
+        if not (entry.name.startswith(PREFIX) and pid.isdigit() and entry.is_dir(follow_symlinks=False)):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)  # raises when no such process
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # another user's process (PermissionError), or gone from under us: not ours to judge
+            continue
+
+
 class PushPullTransport(MessageTransport):
     def __init__(self, addresses: list[str]):
         self.addresses = addresses  # one ipc:// address per consumer
@@ -51,7 +77,8 @@ class PushPullTransport(MessageTransport):
         """Addresses in a new folder, removed when this process exits: not at `close()`, which LitServe calls
         before the HTTP processes have drained their streams (a worker's first connection would then find
         no socket)."""
-        folder = tempfile.mkdtemp(prefix="ptserve-")  # mode 0700
+        _remove_stale_folders()
+        folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # mode 0700
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return cls([f"ipc://{folder}/{i}.ipc" for i in range(consumers)])
 

@@ -8,6 +8,8 @@ import multiprocessing
 import os
 import pickle
 import stat
+import subprocess
+import sys
 import tempfile
 from queue import Empty
 
@@ -119,3 +121,20 @@ def test_the_server_sends_worker_messages_over_it(tiny_model_dir):
     finally:
         server._transport.close()
         manager.shutdown()
+
+
+def test_folders_left_by_killed_servers_are_removed_by_the_next(tmp_path, monkeypatch):
+    """A server killed before its atexit ran (SIGKILL) leaves its socket folder: the next one removes the
+    folders whose process no longer runs, and only those."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"ptserve-{gone.pid}-abc123"
+    alive = tmp_path / f"ptserve-{os.getppid()}-def456"  # the process that started pytest still runs
+    other = tmp_path / "ptserve-notapid"
+    for folder in (stale, alive, other):
+        folder.mkdir()
+        (folder / "0.ipc").touch()
+    made = PushPullTransport.create(1).folder
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert os.path.basename(made).startswith(f"ptserve-{os.getpid()}-")
