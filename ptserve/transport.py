@@ -15,20 +15,22 @@ The object crosses process boundaries by its addresses only (`__reduce__`); sock
 The sockets are files in a directory only the server's user can enter (mkdtemp, 0700): what arrives is
 unpickled, so no other local user may connect (the manager's queue had its authkey; a socket in Linux's
 abstract namespace would have no permissions at all). The server's main process removes it when it exits;
-one killed before it could (SIGKILL, a crash) leaves it behind, and the next server removes those whose
-process is gone (the folder's name carries the pid).
+one killed before it could (SIGKILL, a crash) leaves it behind, and the next server removes those that no
+running server holds (each holds a lock on a file in its folder).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import fcntl
 import logging
 import os
 import pickle
 import shutil
 import tempfile
 import threading
+import time
 from queue import Empty
 from typing import Any
 
@@ -39,28 +41,39 @@ from litserve.transport.base import MessageTransport
 logger = logging.getLogger(__name__)
 
 
-PREFIX = "ptserve-"  # then the pid of the process that made the folder, "-", mkdtemp's random part
+PREFIX = "ptserve-"  # the socket folders' names: this, then mkdtemp's random part
+LOCK = "lock"  # a file in each folder, flock'ed by the server that made it for as long as it (or a fork) runs
+STALE_AFTER_S = 60  # an unlocked folder younger than this may be one a server is making right now
+_held: list[int] = []  # the lock files of the folders this process made
 
 
 def _remove_stale_folders() -> None:
-    """Remove this user's socket folders whose process no longer runs (killed before its atexit ran)."""
+    """Remove this user's socket folders that no running server holds (a server killed before its atexit
+    ran). Held or not is the folder's lock, not a pid: servers in other containers sharing /tmp have pids
+    this one cannot see, and their locks still show. Folders without a lock file are left alone."""
     root = tempfile.gettempdir()
     try:
         entries = list(os.scandir(root))
     except OSError:
         return
     for entry in entries:
-        pid = entry.name.removeprefix(PREFIX).split("-", 1)[0]
-        if not (entry.name.startswith(PREFIX) and pid.isdigit() and entry.is_dir(follow_symlinks=False)):
+        if not entry.name.startswith(PREFIX) or not entry.is_dir(follow_symlinks=False):
             continue
         try:
-            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            info = entry.stat(follow_symlinks=False)
+            if info.st_uid != os.getuid() or time.time() - info.st_mtime < STALE_AFTER_S:
                 continue
-            os.kill(int(pid), 0)  # raises when no such process
-        except ProcessLookupError:
-            shutil.rmtree(entry.path, ignore_errors=True)
-        except OSError:  # another user's process (PermissionError), or gone from under us: not ours to judge
+            fd = os.open(os.path.join(entry.path, LOCK), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
             continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: no server holds it any more
+        except OSError:
+            continue  # a running server's
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 class PushPullTransport(MessageTransport):
@@ -78,7 +91,10 @@ class PushPullTransport(MessageTransport):
         before the HTTP processes have drained their streams (a worker's first connection would then find
         no socket)."""
         _remove_stale_folders()
-        folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")  # mode 0700
+        folder = tempfile.mkdtemp(prefix=PREFIX)  # mode 0700
+        lock = os.open(os.path.join(folder, LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # shared with the HTTP processes forked from this one
+        _held.append(lock)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         return cls([f"ipc://{folder}/{i}.ipc" for i in range(consumers)])
 

@@ -156,6 +156,7 @@ def test_runs_of_consecutive_blocks_are_read_in_place_and_change_nothing(monkeyp
     pool = KVPool(1, 64, BS, kv_heads, size, torch.float32, "cpu")
     monkeypatch.setattr(paged, "MIN_RUN_BYTES", 2 * pool.block_bytes)  # runs of 2 blocks or more
     monkeypatch.setattr(paged, "MIN_ROW_BYTES", 3 * pool.block_bytes)  # holding 3 blocks or more
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # any host: no fewer key heads than threads
     gen = torch.Generator().manual_seed(1)
     for store in pool.keys + pool.values:
         store.normal_(generator=gen)
@@ -308,6 +309,7 @@ def reading(request, monkeypatch):
 
         monkeypatch.setattr(paged, "MIN_RUN_BYTES", 0)
         monkeypatch.setattr(paged, "MIN_ROW_BYTES", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # any host: no fewer key heads than threads
     return request.param
 
 
@@ -664,3 +666,19 @@ def test_compiled_decode_updates_the_pool_in_place(sharp_compilable):
     for store in engine.pool.keys + engine.pool.values:
         assert not store[NULL_BLOCK].any()
         assert store[engine._scratch, 0].any()  # the padded row's keys went there
+
+
+def test_in_place_reading_needs_as_many_key_heads_as_threads(monkeypatch):
+    """A row read alone gives the CPU kernel one work item per key head: with more threads than that (a
+    many-core host, grouped-query heads) decoding rows stay grouped."""
+    from ptserve.engine import paged
+    from ptserve.engine.paged import KVPool, PagedBatch
+
+    pool = KVPool(1, 16, BS, 2, 8, torch.float32, "cpu")
+    monkeypatch.setattr(paged, "MIN_RUN_BYTES", 0)
+    monkeypatch.setattr(paged, "MIN_ROW_BYTES", 0)
+    rows = [(40, 1, [3, 4, 5])]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert PagedBatch.build(pool, rows, use_varlen=False).alone is not None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert PagedBatch.build(pool, rows, use_varlen=False).alone is None

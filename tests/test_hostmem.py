@@ -15,7 +15,7 @@ from ptserve.engine import hostmem
 # first) it gathers their keys and values into new tensors of growing size (argv[2]: MiB), freed at the
 # next group; argv[3] layers a pass, argv[4] passes.
 BENCH_MODEL = "0.5,1,1.5,2,3,4,6,12"
-PHI35_SHAPE = "13,26,52,100"  # a row's keys at 2,100 tokens are 12.6 MiB a layer at Phi-3.5's shape
+PHI35_SHAPE = "13,26,52,100"  # a row's keys at 2,100 tokens are 12.4 MiB a layer at Phi-3.5's shape
 PASSES = """
 import resource, sys, threading, torch
 from ptserve.engine import hostmem
@@ -68,7 +68,7 @@ def test_a_pass_reuses_freed_memory_instead_of_faulting_pages_in_again():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_at_phi35s_shape_the_engine_process_keeps_tens_of_mib_in_its_one_arena():
-    """Temporaries of 13 to 100 MiB (Phi-3.5's shape: one decoding row's keys at 2,100 tokens are 12.6 MiB
+    """Temporaries of 13 to 100 MiB (Phi-3.5's shape: one decoding row's keys at 2,100 tokens are 12.4 MiB
     a layer) on a thread's own arena, whose heaps hold 64 MiB at most, kept faulting pages in at every pass
     (4 rows at 2,100 tokens on 4 of its layers: 101,000 faults, 325 ms instead of 130). With one arena, as
     the server's engine processes have, they are served from the heap once it has grown (it may still grow
@@ -109,7 +109,8 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_the_servers_engine_process_starts_with_one_arena(server):
-    assert "MALLOC_ARENA_MAX" not in os.environ  # else the server would have it anyway
+    if "MALLOC_ARENA_MAX" in os.environ:  # the server would have it anyway: nothing to see
+        pytest.skip("MALLOC_ARENA_MAX is set in the tests' environment")
     engines = []
     for pid in _descendants(server.proc.pid):
         if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():

@@ -8,9 +8,8 @@ import multiprocessing
 import os
 import pickle
 import stat
-import subprocess
-import sys
 import tempfile
+import time
 from queue import Empty
 
 import pytest
@@ -125,16 +124,27 @@ def test_the_server_sends_worker_messages_over_it(tiny_model_dir):
 
 def test_folders_left_by_killed_servers_are_removed_by_the_next(tmp_path, monkeypatch):
     """A server killed before its atexit ran (SIGKILL) leaves its socket folder: the next one removes the
-    folders whose process no longer runs, and only those."""
+    folders whose lock no running server holds, and only those (not one being made, nor one without a lock
+    file, nor one a running server holds, whatever its pid namespace)."""
+    import fcntl
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    stale = tmp_path / f"ptserve-{gone.pid}-abc123"
-    alive = tmp_path / f"ptserve-{os.getppid()}-def456"  # the process that started pytest still runs
-    other = tmp_path / "ptserve-notapid"
-    for folder in (stale, alive, other):
+    folders = {name: tmp_path / f"ptserve-{name}" for name in ("stale", "held", "young", "nolock")}
+    for name, folder in folders.items():
         folder.mkdir()
         (folder / "0.ipc").touch()
-    made = PushPullTransport.create(1).folder
-    assert not stale.exists() and alive.exists() and other.exists()
-    assert os.path.basename(made).startswith(f"ptserve-{os.getpid()}-")
+        if name != "nolock":
+            (folder / "lock").touch()
+        if name != "young":
+            os.utime(folder, (time.time() - 120, time.time() - 120))
+    held = os.open(folders["held"] / "lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a running server holds its own
+    try:
+        made = PushPullTransport.create(1).folder
+        assert [name for name, folder in folders.items() if folder.exists()] == ["held", "young", "nolock"]
+    finally:
+        os.close(held)
+    # the new folder is held by this process: another server would leave it
+    os.utime(made, (time.time() - 120, time.time() - 120))
+    PushPullTransport.create(1)
+    assert os.path.exists(made) and not folders["held"].exists()

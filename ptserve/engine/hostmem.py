@@ -10,11 +10,12 @@ and freed memory stays in the heap for the next pass.
 
 In the server's engine processes, also `one_arena()`: glibc gives each thread but the main one an arena
 of its own, made of heaps of at most 64 MiB, and the engine steps on a thread of its own. At Phi-3.5's
-shape a pass's temporaries are tens of MiB (one decoding row's keys at 2,100 tokens: 12.6 MiB a layer,
+shape a pass's temporaries are tens of MiB (one decoding row's keys at 2,100 tokens: 12.4 MiB a layer,
 and as much for its values; a group of 4 rows, 50 MiB) and did not fit those heaps' leftovers: 101,000
 page faults a pass of 4 such rows on 4 of Phi-3.5's layers, 325 ms instead of 130. In the main arena
-(one heap, grown as needed) there are none once the first passes have grown it. glibc reads that setting
-only when a process starts, so it goes in the environment of the processes about to be spawned.
+(one heap, grown as needed) there are none once the first passes have grown it. Set by mallopt once
+threads have allocated, glibc's limit may not apply (it is computed once, freed arenas are reused): it goes
+in the environment of the processes about to be spawned, which glibc reads at their start.
 
 When idle, `release_host_memory()`: what the passes freed goes back to the kernel (`malloc_trim(0)`, a
 few milliseconds, only when there is nothing else to do), so the worker's resident memory does not stay

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -106,7 +107,7 @@ GROUP = 4
 # allocated) attends alone, reading each run of at least MIN_RUN_BYTES of a layer's keys in place (a view:
 # no copy) and gathering only the rest, the parts merged by their log-sum-exps, when its runs hold at least
 # MIN_ROW_BYTES. Gathering copies the keys and values once more before the kernel reads them: at Phi-3.5's
-# shape (48 KiB of keys a block) a decoding pass of 4 rows at 2,100 tokens on 4 of its layers took 129 ms
+# shape (96 KiB of keys a block) a decoding pass of 4 rows at 2,100 tokens on 4 of its layers took 129 ms
 # gathered, 96 in place (126 vs 108 with a conversation's blocks: runs of 17, 4 single blocks after each).
 # Below those sizes a call per row and per run costs more than the copy it saves (~70 us a call here) and
 # rows are better gathered GROUP at a time: at the bench model's shape, 4 such conversations' rows took
@@ -120,22 +121,24 @@ MIN_ROW_BYTES = 2 << 20
 def in_place(table: list[int], tokens: int, block_size: int, min_run: int, min_row: int) -> InPlace | None:
     """How to read the first `tokens` positions held by `table` in runs of at least `min_run` blocks; None
     when those hold fewer than `min_row` blocks."""
-    used = table[: -(-tokens // block_size)]
-    runs, rest, rest_tokens, i = [], [], 0, 0
-    while i < len(used):
-        j = i + 1
-        while j < len(used) and used[j] == used[j - 1] + 1:
-            j += 1
-        held = min(j * block_size, tokens) - i * block_size
-        if j - i >= min_run:
-            runs.append((used[i], held))
-        else:
-            rest += used[i:j]
-            rest_tokens += held
-        i = j
-    if sum(-(-t // block_size) for _, t in runs) < max(min_row, 1):
+    blocks = -(-tokens // block_size)
+    if blocks < max(min_row, 1):
         return None
-    return InPlace(runs, torch.tensor(rest) if rest else None, rest_tokens)
+    used = np.asarray(table[:blocks])
+    starts = np.flatnonzero(np.diff(used) != 1) + 1  # where each run after the first begins
+    bounds = np.concatenate(([0], starts, [blocks]))
+    lengths = np.diff(bounds)
+    long = lengths >= min_run
+    if lengths[long].sum() < max(min_row, 1):
+        return None
+    runs = [
+        (int(used[a]), min(b * block_size, tokens) - a * block_size)
+        for a, b in zip(bounds[:-1][long].tolist(), bounds[1:][long].tolist(), strict=True)
+    ]
+    rest = used[~np.repeat(long, lengths)]
+    if not len(rest):
+        return InPlace(runs, None, 0)
+    return InPlace(runs, torch.from_numpy(rest), tokens - sum(t for _, t in runs))
 
 
 @dataclass
@@ -163,7 +166,9 @@ class PagedBatch:
         """rows: (start, new tokens, block table) per row, in batch order."""
         device, bs = pool.device, pool.block_size
         slots, single, single_tables, single_lens, segments, used_tables, alone = [], [], [], [], [], [], []
-        runs = pool.device.type == "cpu" and not use_varlen
+        # a row alone gives the kernel one work item per key head: with fewer of those than threads (a
+        # many-core host, grouped-query heads) rows are better grouped; measured on 2 threads only
+        runs = pool.device.type == "cpu" and not use_varlen and pool.kv_heads >= torch.get_num_threads()
         min_run = max(1, -(-MIN_RUN_BYTES // pool.block_bytes))
         min_row = -(-MIN_ROW_BYTES // pool.block_bytes)
         q = 0
