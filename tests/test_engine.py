@@ -682,3 +682,37 @@ def test_in_place_reading_needs_as_many_key_heads_as_threads(monkeypatch):
     assert PagedBatch.build(pool, rows, use_varlen=False).alone is not None
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert PagedBatch.build(pool, rows, use_varlen=False).alone is None
+
+
+def test_an_idle_engine_gives_memory_back_only_after_a_quiet_while(sharp, monkeypatch):
+    """Freed host memory goes back (malloc_trim) once nothing has arrived for IDLE_RELEASE_S, not as soon
+    as the engine idles: a request soon after finds its memory still there."""
+    import time
+
+    from ptserve.engine import scheduler
+
+    released = []
+
+    def release():  # the real one, timed
+        released.append(time.monotonic())
+        scheduler_release()
+
+    scheduler_release = scheduler.release_host_memory
+    monkeypatch.setattr(scheduler, "release_host_memory", release)
+    monkeypatch.setattr(scheduler, "IDLE_RELEASE_S", 0.5)
+    engine = Engine(sharp, 4096).start()
+    try:
+        for ids in prompts(20, 30):  # back to back: idle well under the quiet while in between
+            run(engine, [(ids, greedy(3))])
+            done = time.monotonic()
+            time.sleep(0.1)
+            assert released == []
+        time.sleep(1.0)
+        assert len(released) == 1 and released[0] - done > 0.4  # once, after the quiet while
+        time.sleep(0.7)
+        assert len(released) == 1  # nothing used since: not again
+        run(engine, [(prompts(10)[0], greedy(2))])
+        time.sleep(1.0)
+        assert len(released) == 2
+    finally:
+        engine.shutdown()

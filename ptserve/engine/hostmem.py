@@ -18,8 +18,9 @@ threads have allocated, glibc's limit may not apply (it is computed once, freed 
 in the environment of the processes about to be spawned, which glibc reads at their start.
 
 When idle, `release_host_memory()`: what the passes freed goes back to the kernel (`malloc_trim(0)`, a
-few milliseconds, only when there is nothing else to do), so the worker's resident memory does not stay
-at its high-water mark. All are no-ops where glibc is not the allocator.
+few milliseconds), so the worker's resident memory does not stay at its high-water mark. The engine calls it
+once nothing has arrived for a while (scheduler.IDLE_RELEASE_S), not as soon as it idles: the next pass
+would fault it all in again. All are no-ops where glibc is not the allocator.
 """
 
 from __future__ import annotations

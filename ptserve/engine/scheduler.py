@@ -60,6 +60,11 @@ logger = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 512  # prompt tokens per pass (decoding rows' tokens come on top): bounds a pass's time
 BLOCK_SIZE = 16  # token positions per KV block (FlashAttention's paged kernels want a multiple of 16)
+# An idle engine gives its passes' freed memory back (malloc_trim) once nothing has arrived for this long,
+# not at once: the next pass would fault all of it in again, ~50 ms of a chat turn's TTFT at Phi-3.5's
+# layer shape on the CPU (one conversation, bench/multiturn.py --shape phi35-4l --conversations 1: turn-8
+# TTFT 408 ms releasing at once, 358 never releasing). A person's next turn comes within a minute or so.
+IDLE_RELEASE_S = 60.0
 DEFAULT_KV_BYTES = 1 << 30  # the pool when the caller gives no budget (the server always does)
 
 
@@ -333,7 +338,14 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                if not self._take_arrivals(block=not (self._rows or self._held or self._preempted)):
+                idle = not (self._rows or self._held or self._preempted)
+                # idle with memory to give back: wait IDLE_RELEASE_S for work first, then give it back
+                arrived = self._take_arrivals(block=idle, timeout=IDLE_RELEASE_S if idle and self._busy else None)
+                if arrived is None:
+                    self._busy = False
+                    release_host_memory()  # the pool stays; what the passes' activations left goes back
+                    continue
+                if not arrived:
                     break
                 self._busy = True
                 with torch.inference_mode():
@@ -341,9 +353,6 @@ class Engine:
                     if plan:
                         self._run(plan)
                     self._retire()
-                if not (self._rows or self._held or self._preempted) and self._busy:
-                    self._busy = False
-                    release_host_memory()  # the pool stays; what the passes' activations left goes back
         except BaseException as exc:
             self._die(exc)
 
@@ -366,10 +375,13 @@ class Engine:
             stream.error = self.dead
             stream._publish(None, "error")
 
-    def _take_arrivals(self, block: bool) -> bool:
-        """Move queued streams to `_held`; False on shutdown."""
+    def _take_arrivals(self, block: bool, timeout: float | None = None) -> bool | None:
+        """Move queued streams to `_held`; False on shutdown, None when `timeout` seconds passed with none."""
         try:
-            item = self._waiting.get(block=block)
+            item = self._waiting.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return None if block else True
+        try:
             while True:
                 if item is None:
                     return False
