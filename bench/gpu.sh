@@ -3,6 +3,7 @@
 # bench/gpu-wheels.sh ran here):
 #     bash bench/gpu.sh            # all three modes
 #     QUANT=none bash bench/gpu.sh # one mode (keep each call inside the 10-minute limit)
+#     MULTITURN=1 bash bench/gpu.sh  # then also the multi-turn chat benchmark, cache on and off (issue 12's x5)
 # Builds a random-weight model of Phi-3.5-mini's exact shape on the GPU (7.64 GB in bf16), then runs
 # the serving benchmark over HTTP: 1, 16 and 64 streams, 256 prompt tokens, 256 output tokens, for
 # each quantization mode, with the GPU memory of each. Results: $OUT/gpu-<card>.json (or bench/out/).
@@ -20,3 +21,7 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$d
 python3 bench/serve.py --shape phi35 --prompt-tokens 256 --max-tokens 256 --levels "${LEVELS:-1,16,64}" \
     --quantization "${QUANT:-none,4bit,8bit}" --peer "${PEER:-none}" --out "$dest/gpu-${card:-cpu}.json" \
     2>&1 | tee "$dest/gpu-bench.log"
+if [ "${MULTITURN:-0}" = 1 ]; then  # same model (bench/out/phi3.5-shape), ptserve with and without its cache
+    python3 bench/multiturn.py --shape phi35 --servers ptserve,ptserve-nocache \
+        --out "$dest/multiturn-gpu-${card:-cpu}.json" 2>&1 | tee "$dest/gpu-multiturn.log"
+fi
