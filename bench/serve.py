@@ -39,9 +39,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import sse_lines  # noqa: E402
+from bench.common import OUT, sse_lines  # noqa: E402
 
-OUT = ROOT / "bench" / "out"
 SHAPES = {
     # The CPU benchmark's model: 58.5M parameters (25.7M in the layers).
     "bench512": dict(hidden=512, layers=8, heads=8, intermediate=1408),

@@ -134,3 +134,17 @@ def wait_gauge(server, name: str, want: float, limit_s: float = 30) -> float:
     while (now := gauge(server, name)) != want and time.monotonic() < deadline:
         time.sleep(0.05)
     return now
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """The processes of session `sid` (a test server's: RunningServer starts it in a session of its own),
+    each with its command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, ProcessLookupError):
+                pass
+    return found

@@ -34,7 +34,7 @@ from ptserve.job import Job
 from ptserve.protocol import ChatCompletionRequest, ChatMessage
 from ptserve.streaming import ChatFormat
 from ptserve.worker import Worker
-from tests.conftest import RunningServer, gauge, wait_gauge
+from tests.conftest import RunningServer, gauge, session_processes, wait_gauge
 
 FAULTS = Path(__file__).resolve().parent / "faults"
 USER = [{"role": "user", "content": "Olá!"}]
@@ -329,18 +329,6 @@ def test_a_client_that_leaves_before_the_first_byte_frees_its_sequence(tiny_mode
         assert gauge(srv, "ptserve_queued_sequences") == 0
     finally:
         srv.stop()
-
-
-def session_processes(sid: int) -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, ProcessLookupError):
-                pass
-    return found
 
 
 @pytest.mark.server

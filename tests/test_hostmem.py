@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ptserve.engine import hostmem
+from tests.conftest import session_processes
 
 # What a decoding pass on the CPU does in each layer, on the engine's thread: per group of rows (shortest
 # first) it gathers their keys and values into new tensors of growing size (argv[2]: MiB), freed at the
@@ -89,31 +90,13 @@ def test_one_arena_is_set_for_processes_started_later_unless_the_user_chose():
     assert environ == {"MALLOC_ARENA_MAX": "4"}
 
 
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_the_servers_engine_process_starts_with_one_arena(server):
     if "MALLOC_ARENA_MAX" in os.environ:  # the server would have it anyway: nothing to see
         pytest.skip("MALLOC_ARENA_MAX is set in the tests' environment")
     engines = []
-    for pid in _descendants(server.proc.pid):
-        if b"multiprocessing.spawn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+    for pid, command in session_processes(server.proc.pid).items():
+        if "multiprocessing.spawn" in command:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             engines.append(b"MALLOC_ARENA_MAX=1" in environ)
     assert engines == [True]
