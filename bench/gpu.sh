@@ -1,27 +1,84 @@
 #!/usr/bin/env bash
-# Issue 7's measurement, as one command on the GPU machine (device tool, with `carry: [".whl"]` after
-# bench/gpu-wheels.sh ran here):
-#     bash bench/gpu.sh            # all three modes
-#     QUANT=none bash bench/gpu.sh # one mode (keep each call inside the 10-minute limit)
-#     MULTITURN=1 bash bench/gpu.sh  # then also the multi-turn chat benchmark, cache on and off (issue 12's x5)
-# Builds a random-weight model of Phi-3.5-mini's exact shape on the GPU (7.64 GB in bf16), then runs
-# the serving benchmark over HTTP: 1, 16 and 64 streams, 256 prompt tokens, 256 output tokens, for
-# each quantization mode, with the GPU memory of each. Results: $OUT/gpu-<card>.json (or bench/out/).
-set -euo pipefail
+# The GPU measurement (issues 7 and 12), as one command on the device machine, with `carry: [".whl"]` after
+# bench/gpu-wheels.sh ran here:
+#     bash bench/gpu.sh                     # every step below, in this order, inside BUDGET_S seconds
+#     STEPS="tests none" bash bench/gpu.sh  # some of them
+# Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share):
+#     tests     the `gpu`-marked tests (tests/test_gpu.py: the varlen kernel, CUDA graphs)
+#     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
+#               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
+#     4bit 8bit the same, bitsandbytes-quantized at load
+#     compiled  the same as none with server.compile_decode (torch.compile, CUDA graphs) at COMPILED_LEVELS
+#     multiturn bench/multiturn.py on the same model, ptserve with and without its prefix cache
+# Results in $OUT (or bench/out/): gpu-<card>-<step>.json, the tests' and steps' logs and the servers' logs in
+# gpu-logs.tgz. bench/serve.py saves after every level, so a step cut short keeps what it measured.
+set -uo pipefail
+start=$(date +%s)
+budget=${BUDGET_S:-540}
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # ptserve itself, not installed there
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 dest=${OUT:-bench/out}
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-' || echo cpu)
-nvidia-smi || true
-# The GPU-only tests first (tests/test_gpu.py: the varlen kernel, CUDA graphs), then the benchmark.
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$dest/gpu-tests.log" || true
-python3 bench/serve.py --shape phi35 --prompt-tokens 256 --max-tokens 256 --levels "${LEVELS:-1,16,64}" \
-    --quantization "${QUANT:-none,4bit,8bit}" --peer "${PEER:-none}" --out "$dest/gpu-${card:-cpu}.json" \
-    2>&1 | tee "$dest/gpu-bench.log"
-if [ "${MULTITURN:-0}" = 1 ]; then  # same model (bench/out/phi3.5-shape), ptserve with and without its cache
-    python3 bench/multiturn.py --shape phi35 --servers ptserve,ptserve-nocache \
-        --out "$dest/multiturn-gpu-${card:-cpu}.json" 2>&1 | tee "$dest/gpu-multiturn.log"
-fi
+mkdir -p "$dest" bench/out
+logs=bench/out/gpu-logs
+mkdir -p $logs
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
+card=${card:-cpu}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 - <<'PY' 2>&1 | tee $logs/versions.txt
+import inspect, torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    print("varlen_attn", inspect.signature(varlen_attn))
+except ImportError as exc:
+    print("no varlen_attn:", exc)
+PY
+
+left() { echo $((budget - ($(date +%s) - start))); }
+shape=${SHAPE:-phi35}
+serve="python3 bench/serve.py --shape $shape --prompt-tokens 256 --max-tokens ${MAX_TOKENS:-256} --peer none"
+# run NAME SHARE COMMAND: the command under `timeout` (its share, or what is left less 20 s), logged; then any
+# server it left behind is stopped (a step cut short leaves one holding the GPU's memory). A failure is printed
+# with the end of its log and the servers' logs; the next step runs either way.
+run() {
+    local name=$1 share=$2 limit t0 rc
+    limit=$(left)
+    if [ "$limit" -lt 40 ]; then
+        echo "== $name: skipped ($limit s left)"
+        return
+    fi
+    limit=$((limit - 20 < share ? limit - 20 : share))
+    echo "== $name ($limit s at most, $(left) s left)"
+    t0=$(date +%s)
+    rm -f bench/out/ptserve*.log bench/out/multiturn-*.log
+    timeout -k 10 "$limit" bash -c "$3" >$logs/$name.log 2>&1
+    rc=$?
+    pkill -9 -f 'server.py --model|multiprocessing' && sleep 3
+    echo "== $name: rc $rc in $(($(date +%s) - t0)) s"
+    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn' $logs/$name.log | tail -20
+    for f in bench/out/ptserve*.log bench/out/multiturn-*.log; do
+        [ -f "$f" ] || continue
+        cp "$f" "$logs/$name-${f##*/}"
+        [ $rc -ne 0 ] && { echo "-- $f"; tail -15 "$f"; }
+    done
+    [ $rc -ne 0 ] && tail -25 $logs/$name.log
+}
+
+for step in ${STEPS:-tests none 4bit compiled multiturn 8bit}; do
+    case $step in
+        tests) run tests 180 "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py" ;;
+        none | 4bit | 8bit) run "$step" 200 "$serve --levels ${LEVELS:-1,16,64} --quantization $step \
+            --out $dest/gpu-$card-$step.json" ;;
+        compiled) run compiled 180 "PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \
+            --quantization none --out $dest/gpu-$card-compiled.json" ;;
+        multiturn) run multiturn 150 "python3 bench/multiturn.py --shape $shape --servers ptserve,ptserve-nocache \
+            --out $dest/gpu-$card-multiturn.json" ;;
+        *) echo "unknown step $step" ;;
+    esac
+done
+tar -czf "$dest/gpu-logs.tgz" -C bench/out gpu-logs
+echo "== done in $(($(date +%s) - start)) s"

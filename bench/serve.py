@@ -288,7 +288,9 @@ async def run_level(port: int, model: str, n: int, max_tokens: int, count_tokens
     }
 
 
-def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_tokens, prompts) -> list[dict]:
+def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_tokens, prompts, save) -> list[dict]:
+    """Each level in turn; `save(rows)` after each, so a run cut short (a device call's time limit) keeps
+    the levels it measured."""
     server.wait()
     try:
         rows = []
@@ -297,6 +299,7 @@ def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_
             row.update(server.memory())
             print(f"  {server.name:13s} {json.dumps(row)}", flush=True)
             rows.append(row)
+            save(rows)
         return rows
     finally:
         server.stop()
@@ -382,6 +385,15 @@ def main() -> None:
         "max_tokens": args.max_tokens,
     }
 
+    def saver(name: str):
+        def save(rows: list[dict]) -> None:
+            results[name] = rows
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+        return save
+
     for mode in args.quantization.split(","):
         name = "ptserve" if mode == "none" else f"ptserve-{mode}"
         port = free_port()
@@ -393,7 +405,7 @@ def main() -> None:
             env={"PTSERVE_SERVER_MAX_CONCURRENT_SEQUENCES": str(max(levels))},
             start_timeout=900,
         )
-        results[name] = bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens, prompts)
+        bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens, prompts, saver(name))
     if "ptserve" not in results:
         args.peer = "none"  # the ratios compare the unquantized server
 
@@ -403,7 +415,7 @@ def main() -> None:
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
         cmd += ["--dtype", dtype, "--max-model-len", "2048", "--port", str(port)]
         peer = Server(name, cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, start_timeout=900)
-        results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts)
+        bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts, saver(name))
         print_ratios(results["ptserve"], results[name], f"vllm --dtype {dtype}")
     if args.peer in ("transformers", "all"):
         cli = str(Path(py).with_name("transformers"))
@@ -414,7 +426,7 @@ def main() -> None:
             device = "cuda" if "no GPU" not in results["machine"] else "cpu"
             cmd = [cli, "serve", str(model_dir), "--device", device, "--continuous-batching", "--dtype", dtype]
             peer = Server(name, [*cmd, "--port", str(port)], port)
-            results[name] = bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts)
+            bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts, saver(name))
             print_ratios(results["ptserve"], results[name], f"transformers serve --dtype {dtype}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
