@@ -5,6 +5,9 @@
 #     STEPS="tests none" bash bench/gpu.sh  # some of them
 # Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share):
 #     tests     the `gpu`-marked tests (tests/test_gpu.py: the varlen kernel, CUDA graphs)
+#     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
+#               rows' grouping for SDPA, the compiled decode; then, in a second process, the engine's loop
+#               with the compiled decode, as the server runs it)
 #     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
 #     4bit 8bit the same, bitsandbytes-quantized at load
@@ -59,7 +62,7 @@ run() {
     rc=$?
     pkill -9 -f 'server.py --model|multiprocessing' && sleep 3
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s"
-    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn' $logs/$name.log | tail -20
+    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|profile|model) |cudagraph' $logs/$name.log | cut -c1-1500 | tail -24
     for f in bench/out/ptserve*.log bench/out/multiturn-*.log; do
         [ -f "$f" ] || continue
         cp "$f" "$logs/$name-${f##*/}"
@@ -68,8 +71,11 @@ run() {
     [ $rc -ne 0 ] && tail -25 $logs/$name.log
 }
 
-for step in ${STEPS:-tests none 4bit compiled multiturn 8bit}; do
+for step in ${STEPS:-engine tests none 4bit compiled multiturn 8bit}; do
     case $step in
+        engine) run engine 240 "export TORCH_LOGS=perf_hints,recompiles; python3 bench/engine_step.py \
+            --shape $shape --out $dest/gpu-$card-engine.json; python3 bench/engine_step.py --shape $shape \
+            --parts engine-compiled --out $dest/gpu-$card-engine-compiled.json" ;;
         tests) run tests 180 "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py" ;;
         none | 4bit | 8bit) run "$step" 200 "$serve --levels ${LEVELS:-1,16,64} --quantization $step \
             --out $dest/gpu-$card-$step.json" ;;

@@ -13,13 +13,17 @@ import torch
 
 from ptserve.engine import paged
 from ptserve.engine.sampling import SamplingParams
-from ptserve.engine.scheduler import Engine
+from ptserve.engine.scheduler import Engine, _has_varlen
 from ptserve.tinymodel import TinyShape, build
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    # torch 2.11's CUDA graph trees capture an empty graph when their manager starts
+    pytest.mark.filterwarnings("ignore:The CUDA Graph is empty:UserWarning"),
 ]
+# FlashAttention's varlen kernel with a paged pool (torch 2.13); without it the engine gathers blocks for SDPA
+needs_varlen = pytest.mark.skipif(not _has_varlen(), reason="this torch's varlen_attn takes no block table")
 ATOL = 2e-2  # bf16
 
 
@@ -48,6 +52,7 @@ def hidden(model, pool, rows, ids, positions, varlen: bool):
     return out.last_hidden_state[0].float()
 
 
+@needs_varlen
 def test_varlen_kernel_equals_the_gathered_sdpa_path(cuda_model):
     cfg = cuda_model.config
     head = cfg.hidden_size // cfg.num_attention_heads
@@ -114,6 +119,11 @@ def test_engine_answers_alike_with_the_varlen_kernel_and_with_cuda_graphs(cuda_m
             assert logprobs[:same] == pytest.approx(ref_logprobs[:same], abs=0.1)
 
 
+@pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
+    reason="before torch 2.13, CUDA graph trees keep per-thread state that only the first thread using them "
+    "gets; this test drives the compiled decode from the main thread after an engine thread did",
+)
 def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
     engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, compile_decode=True)
     gen = torch.Generator().manual_seed(2)

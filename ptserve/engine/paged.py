@@ -102,6 +102,11 @@ class Segment:
 # call for 64 rows of ~110 tokens took 12.6 ms, 16 calls of 4 rows 2.7 ms, bench512's attention shape).
 # The rows are grouped by length, and a group reads only as many blocks as its longest row holds.
 GROUP = 4
+# On a GPU every decoding row is gathered into one SDPA call (padded to the longest row): each call costs
+# kernel launches and Python in every layer, and launches set an eager pass's pace there (H100, torch 2.11,
+# Phi-3.5's shape, rows of 384 tokens, bench/engine_step.py: 64 rows 161.7 ms a pass in groups of 4, 38.6 in
+# one call; 16 rows 57.2 vs 40.0). None = all rows in one call; a number, that many a call.
+GPU_GROUP: int | None = None
 
 # On the CPU, a decoding row whose blocks include runs of consecutive ones (as a prompt's blocks are
 # allocated) attends alone, reading each run of at least MIN_RUN_BYTES of a layer's keys in place (a view:
@@ -152,7 +157,8 @@ class PagedBatch:
     single_tables: torch.Tensor | None  # [S, W] long: their blocks, padded with the null block
     single_mask: torch.Tensor | None  # [S, 1, 1, W * block_size] bool: each row's own tokens
     segments: list[Segment]
-    single_widths: list[int] | None = None  # blocks each GROUP of them reads (None: W for every group)
+    single_widths: list[int] | None = None  # blocks each group of them reads (None: W for every group)
+    group: int = GROUP  # decoding rows per gather + SDPA call
     alone: list[tuple[int, InPlace]] | None = None  # rows with one new token read in place: (position, how)
     # FlashAttention's varlen layout (CUDA only), every row in batch order
     cu_seq_q: torch.Tensor | None = None
@@ -214,8 +220,9 @@ class PagedBatch:
             tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in single_tables], device=device)
             batch.single_tables = tables
             batch.single_mask = _length_mask(torch.tensor(single_lens, device=device), width * bs)
+            batch.group = group = _group(device, len(single))
             batch.single_widths = [
-                len(single_tables[min(g + GROUP, len(single)) - 1]) for g in range(0, len(single), GROUP)
+                len(single_tables[min(g + group, len(single)) - 1]) for g in range(0, len(single), group)
             ]
         return batch
 
@@ -225,6 +232,7 @@ class PagedBatch:
         is compiled). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
         with the new one."""
         batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
+        batch.group = _group(slots.device, tables.shape[0])
         if use_varlen:
             rows = tables.shape[0]
             batch.cu_seq_q = torch.arange(rows + 1, dtype=torch.int32, device=slots.device)
@@ -232,6 +240,13 @@ class PagedBatch:
             batch.block_table = tables.to(torch.int32)
             batch.max_q, batch.max_k = 1, tables.shape[1] * pool.block_size
         return batch
+
+
+def _group(device: torch.device, rows: int) -> int:
+    """Decoding rows per gather + SDPA call: GROUP on the CPU, GPU_GROUP (None: all) elsewhere."""
+    if device.type == "cpu":
+        return GROUP
+    return max(1, rows if GPU_GROUP is None else GPU_GROUP)
 
 
 def _length_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
@@ -262,10 +277,11 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
         qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
         os = qs.new_empty(qs.shape)
         tables, mask, bs = batch.single_tables, batch.single_mask, pool.block_size
-        for g, start in enumerate(range(0, tables.shape[0], GROUP)):
+        group = batch.group
+        for g, start in enumerate(range(0, tables.shape[0], group)):
             width = batch.single_widths[g] if batch.single_widths is not None else tables.shape[1]
-            index = tables[start : start + GROUP, :width].reshape(-1)
-            rows = min(GROUP, tables.shape[0] - start)
+            index = tables[start : start + group, :width].reshape(-1)
+            rows = min(group, tables.shape[0] - start)
             k = k_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)  # [g, kvh, L, D]
             v = v_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)
             group_mask = mask[start : start + rows, :, :, : width * bs]

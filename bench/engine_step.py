@@ -1,0 +1,257 @@
+"""The engine alone, no HTTP: where a decoding pass's time goes, on a GPU above all (bench/gpu.sh runs it).
+
+For each number of rows B (--levels):
+- `forward`: one decoding pass (the model's forward through the paged attention, no sampling) at B rows
+  of --context tokens, timed over --passes passes after warm-up (synchronized): eager, and, with --groups,
+  eager with the decoding rows gathered that many at a time for SDPA (paged.GPU_GROUP; the CPU's GROUP);
+- `engine`: B requests of --prompt random tokens, --tokens greedy tokens each, through Engine.submit (the
+  scheduler, sampling and streams included): inter-token time per stream (median) and tokens/s;
+- `profile` (--profile B,...): torch.profiler over a few eager passes: the wall time a pass takes against the
+  GPU's busy time (a pass the host cannot launch fast enough shows a GPU mostly idle) and the top operators;
+- `compiled` (--compiled B,...): the same forward through the compiled decode (torch.compile, CUDA graphs on
+  CUDA), called from this thread: compile time, then ms a pass. TORCH_LOGS=perf_hints,recompiles says why
+  graphs are skipped or shapes recompiled;
+- `engine-compiled` (--engine-compiled B,...): the `engine` measurement with server.compile_decode, the
+  compiled decode called from the engine's thread as in the server.
+--parts picks them. torch 2.11's CUDA graph trees keep their state per thread and assert when a second
+thread uses them (2.13 sets each thread up): run `compiled` and `engine-compiled` in separate processes there.
+
+A random-weight model of the --shape (bench/serve.py's shapes) is made in memory: nothing is written.
+A benchmark, not a test: nothing here asserts time. JSON with --out."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import emit  # noqa: E402
+from bench.serve import SHAPES, machine  # noqa: E402
+from ptserve.engine import paged, rope  # noqa: E402
+from ptserve.engine.sampling import SamplingParams  # noqa: E402
+from ptserve.engine.scheduler import Engine  # noqa: E402
+from ptserve.tinymodel import TinyShape, model_config  # noqa: E402
+
+
+def make_model(shape: str, device: torch.device):
+    from transformers import Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        try:
+            model = Phi3ForCausalLM(model_config(TinyShape(**SHAPES[shape]))).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    rope.pin_longrope(model, 4096)
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_inputs(engine: Engine, rows: int, context: int, gen: torch.Generator):
+    """A decoding pass's tensors: `rows` rows of `context` tokens each, their blocks picked from the pool."""
+    bs = engine.block_size
+    width = -(-context // bs)
+    width = 1 << (width - 1).bit_length()  # the compiled step's bucket of blocks
+    owned = torch.tensor(engine.blocks.allocate(rows * -(-context // bs)))
+    tables = torch.zeros((rows, width), dtype=torch.long)
+    per = -(-context // bs)
+    for r in range(rows):
+        tables[r, :per] = owned[r * per : (r + 1) * per]
+    lens = torch.full((rows,), context)
+    positions = lens - 1
+    slots = tables.gather(1, (positions // bs).unsqueeze(1)).squeeze(1) * bs + positions % bs
+    ids = torch.randint(100, 30000, (1, rows), generator=gen)
+    return [t.to(engine.device) for t in (ids, positions.unsqueeze(0), slots, tables, lens)], owned.tolist()
+
+
+def time_passes(step, args, passes: int, device) -> float:
+    with torch.inference_mode():
+        for _ in range(3):
+            step(*args)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(passes):
+            step(*args)
+        sync(device)
+    return 1000 * (time.perf_counter() - start) / passes
+
+
+def profile(engine: Engine, args, device) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    passes = 5
+    with torch.inference_mode():
+        engine._decode_step(*args)
+        sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(passes):
+                engine._decode_step(*args)
+            sync(device)
+            wall = 1000 * (time.perf_counter() - start) / passes
+    events = prof.key_averages()
+    on_device = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1000 / passes
+    top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0) or e.self_cpu_time_total, reverse=True)
+    return {
+        "wall_ms_per_pass": round(wall, 2),
+        "device_busy_ms_per_pass": round(on_device, 2),
+        "kernels_per_pass": sum(e.count for e in events if getattr(e, "self_device_time_total", 0)) // passes,
+        "top": [
+            {
+                "op": e.key[:80],
+                "calls_per_pass": e.count // passes,
+                "device_ms": round(getattr(e, "self_device_time_total", 0) / 1000 / passes, 3),
+                "cpu_ms": round(e.self_cpu_time_total / 1000 / passes, 3),
+            }
+            for e in top[:14]
+        ],
+    }
+
+
+async def generate(engine: Engine, rows: int, prompt: int, tokens: int, gen: torch.Generator) -> dict:
+    async def one(ids):
+        first = last = None
+        count = 0
+        async for out in engine.submit(ids, SamplingParams(tokens, temperature=0.0)):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += len(out.token_ids)
+        return first, last, count
+
+    jobs = [torch.randint(100, 30000, (prompt,), generator=gen).tolist() for _ in range(rows)]
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(ids) for ids in jobs))
+    wall = time.perf_counter() - start
+    itl = [(b - a) / (n - 1) for a, b, n in results if n > 1]
+    total = sum(n for _, _, n in results)
+    return {"tok_per_s": round(total / wall, 1), "itl_p50_ms": round(1000 * statistics.median(itl), 2)}
+
+
+PARTS = ("forward", "profile", "engine", "compiled", "engine-compiled")
+
+
+def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, report: dict) -> dict:
+    """`generate` at each level through the started engine (the first request of each level's shape, and
+    so the first compile of its buckets, lands in a warm-up generation)."""
+    runs: dict = {}
+    engine.start()
+    try:
+        for rows in levels:
+            started = time.perf_counter()
+            asyncio.run(generate(engine, rows, args.prompt, 4, gen))  # warm-up (and the compiles)
+            runs[rows] = asyncio.run(generate(engine, rows, args.prompt, args.tokens, gen))
+            runs[rows]["warm_up_s"] = round(time.perf_counter() - started, 1)
+            print(f"engine {rows} rows{' compiled' if engine._decode else ''}: {runs[rows]}", flush=True)
+            save(report, args.out)
+    finally:
+        engine.shutdown()
+    return runs
+
+
+def save(report: dict, out: Path | None) -> None:
+    """The report so far (a run cut short keeps what it measured)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="phi35", choices=sorted(SHAPES))
+    parser.add_argument("--levels", default="1,16,64")
+    parser.add_argument("--context", type=int, default=384, help="tokens each row holds in `forward`")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=20)
+    parser.add_argument("--groups", default="4", help="GPU_GROUP values to time beside all rows at once")
+    parser.add_argument("--profile", default="1,64")
+    parser.add_argument("--compiled", default="1")
+    parser.add_argument("--engine-compiled", default="1,16,64")
+    parser.add_argument("--parts", default="forward,profile,engine,compiled", help="of " + ",".join(PARTS))
+    parser.add_argument("--kv-gb", type=float, default=16.0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    levels = ints(args.levels)
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"unknown parts {sorted(parts - set(PARTS))}; of {PARTS}")
+    report: dict = {"machine": machine(), "command": " ".join(["python", *sys.argv]), "shape": args.shape}
+    if device.type == "cuda":
+        report["torch"] = torch.__version__
+    start = time.perf_counter()
+    model = make_model(args.shape, device)
+    report["model_s"] = round(time.perf_counter() - start, 1)
+    print(f"model ready in {report['model_s']} s", flush=True)
+    gen = torch.Generator().manual_seed(0)
+    budget = int(args.kv_gb * 1e9)
+
+    engine = None
+    if parts & {"forward", "profile", "engine"}:
+        engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels))
+    if parts & {"forward", "profile"}:
+        forward = report["forward"] = {}
+        for rows in levels:
+            inputs, owned = decode_inputs(engine, rows, args.context, gen)
+            if "forward" in parts:
+                ms = time_passes(engine._decode_step, inputs, args.passes, device)
+                row = forward[rows] = {"all_rows_ms": round(ms, 2)}
+                for group in ints(args.groups) if device.type == "cuda" else []:
+                    paged.GPU_GROUP = group
+                    try:
+                        ms = time_passes(engine._decode_step, inputs, args.passes, device)
+                        row[f"groups_of_{group}_ms"] = round(ms, 2)
+                    finally:
+                        paged.GPU_GROUP = None
+                print(f"forward {rows} rows: {row}", flush=True)
+            if "profile" in parts and rows in ints(args.profile):
+                report.setdefault("profile", {})[rows] = prof = profile(engine, inputs, device)
+                print(f"profile {rows} rows: {prof}", flush=True)
+            engine.blocks.release(owned)
+            save(report, args.out)
+    if "engine" in parts:
+        report["engine"] = run_engine(engine, levels, args, gen, report)
+    del engine
+
+    if "engine-compiled" in parts:
+        rows = ints(args.engine_compiled)
+        engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(rows), compile_decode=True)
+        report["engine-compiled"] = run_engine(engine, rows, args, gen, report)
+        del engine
+    if "compiled" in parts:
+        compiled_levels = ints(args.compiled)
+        engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(compiled_levels), compile_decode=True)
+        runs = report["compiled"] = {}
+        for rows in compiled_levels:
+            inputs, owned = decode_inputs(engine, rows, args.context, gen)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                engine._decode(*inputs)
+                engine._decode(*inputs)  # CUDA graphs record on a later call
+            sync(device)
+            compile_s = time.perf_counter() - t0
+            ms = time_passes(engine._decode, inputs, args.passes, device)
+            runs[rows] = {"compile_s": round(compile_s, 1), "ms_per_pass": round(ms, 2)}
+            print(f"compiled {rows} rows: {runs[rows]}", flush=True)
+            engine.blocks.release(owned)
+            save(report, args.out)
+    emit(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
