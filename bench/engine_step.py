@@ -4,13 +4,17 @@ For each number of rows B (--levels):
 - `forward`: one decoding pass (the model's forward through the paged attention, no sampling) at B rows
   of --context tokens, timed over --passes passes after warm-up (synchronized): eager, and, with --groups,
   eager with the decoding rows gathered that many at a time for SDPA (paged.GPU_GROUP; the CPU's GROUP);
+- `prefill` (--chunks N,...): a pass computing N prompt tokens of one row from position 0, alone and with
+  --riders decoding rows of --context tokens beside it, as the engine schedules a joining prompt
+  (server.prefill_chunk_tokens sets N): what a chunk costs the streams already running;
 - `engine`: B requests of --prompt random tokens, --tokens greedy tokens each, through Engine.submit (the
   scheduler, sampling and streams included): inter-token time per stream (median) and tokens/s;
 - `profile` (--profile B,...): torch.profiler over a few eager passes: the wall time a pass takes against the
   GPU's busy time (a pass the host cannot launch fast enough shows a GPU mostly idle) and the top operators;
 - `compiled` (--compiled B,...): the same forward through the compiled decode (torch.compile, CUDA graphs on
-  CUDA), called from this thread: compile time, then ms a pass. TORCH_LOGS=perf_hints,recompiles says why
-  graphs are skipped or shapes recompiled;
+  CUDA), called from this thread: compile time, then ms a pass, and torch's counters.
+  TORCH_LOGS=perf_hints,recompiles,+torch._inductor.cudagraph_trees says why graphs are skipped, shapes
+  recompiled or graphs re-recorded;
 - `engine-compiled` (--engine-compiled B,...): the `engine` measurement with server.compile_decode, the
   compiled decode called from the engine's thread as in the server.
 --parts picks them. torch 2.11's CUDA graph trees keep their state per thread and assert when a second
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import emit  # noqa: E402
 from bench.serve import SHAPES, machine  # noqa: E402
 from ptserve.engine import paged, rope  # noqa: E402
+from ptserve.engine.paged import PagedBatch  # noqa: E402
 from ptserve.engine.sampling import SamplingParams  # noqa: E402
 from ptserve.engine.scheduler import Engine  # noqa: E402
 from ptserve.tinymodel import TinyShape, model_config  # noqa: E402
@@ -141,7 +146,28 @@ async def generate(engine: Engine, rows: int, prompt: int, tokens: int, gen: tor
     return {"tok_per_s": round(total / wall, 1), "itl_p50_ms": round(1000 * statistics.median(itl), 2)}
 
 
-PARTS = ("forward", "profile", "engine", "compiled", "engine-compiled")
+PARTS = ("forward", "profile", "prefill", "engine", "compiled", "engine-compiled")
+
+
+def prefill_pass(engine: Engine, chunk: int, riders: int, args, gen: torch.Generator, device) -> float:
+    """ms of an eager pass: `chunk` prompt tokens of a row from position 0 and one token of each of
+    `riders` rows holding --context tokens (what `Engine._pass` gives the model for such a plan)."""
+    bs = engine.block_size
+    owned = engine.blocks.allocate(-(-chunk // bs) + riders * -(-args.context // bs))
+    per = -(-args.context // bs)
+    prompt_blocks, rest = owned[: -(-chunk // bs)], owned[-(-chunk // bs) :]
+    rows = [(0, chunk, prompt_blocks)] + [(args.context - 1, 1, rest[r * per : (r + 1) * per]) for r in range(riders)]
+    ids = torch.randint(100, 30000, (1, chunk + riders), generator=gen).to(device)
+    positions = torch.tensor([[*range(chunk), *[args.context - 1] * riders]], device=device)
+
+    def step():
+        batch = PagedBatch.build(engine.pool, rows, engine.use_varlen)
+        engine._forward(batch, ids, positions, True)
+
+    try:
+        return time_passes(step, (), max(3, args.passes // 4), device)
+    finally:
+        engine.blocks.release(owned)
 
 
 def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, report: dict) -> dict:
@@ -162,6 +188,14 @@ def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, re
     return runs
 
 
+def torch_counters() -> dict:
+    """torch's own counts (graph breaks, recompiles, CUDA graphs skipped, inputs copied into recorded
+    graphs): how the compiled decode really ran."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(values) for group, values in counters.items() if values}
+
+
 def save(report: dict, out: Path | None) -> None:
     """The report so far (a run cut short keeps what it measured)."""
     if out:
@@ -180,8 +214,10 @@ def main() -> None:
     parser.add_argument("--groups", default="4", help="GPU_GROUP values to time beside all rows at once")
     parser.add_argument("--profile", default="1,64")
     parser.add_argument("--compiled", default="1")
+    parser.add_argument("--chunks", default="512,1024,2048,4096")
+    parser.add_argument("--riders", type=int, default=63)
     parser.add_argument("--engine-compiled", default="1,16,64")
-    parser.add_argument("--parts", default="forward,profile,engine,compiled", help="of " + ",".join(PARTS))
+    parser.add_argument("--parts", default="forward,profile,prefill,engine,compiled", help="of " + ",".join(PARTS))
     parser.add_argument("--kv-gb", type=float, default=16.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -202,8 +238,8 @@ def main() -> None:
     budget = int(args.kv_gb * 1e9)
 
     engine = None
-    if parts & {"forward", "profile", "engine"}:
-        engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels))
+    if parts & {"forward", "profile", "prefill", "engine"}:
+        engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels + [args.riders + 1]))
     if parts & {"forward", "profile"}:
         forward = report["forward"] = {}
         for rows in levels:
@@ -224,6 +260,15 @@ def main() -> None:
                 print(f"profile {rows} rows: {prof}", flush=True)
             engine.blocks.release(owned)
             save(report, args.out)
+    if "prefill" in parts:
+        report["prefill"] = prefill = {}
+        for chunk in ints(args.chunks):
+            prefill[chunk] = {
+                f"with_{riders}_decoding_ms": round(prefill_pass(engine, chunk, riders, args, gen, device), 2)
+                for riders in (0, args.riders)
+            }
+            print(f"prefill {chunk} tokens: {prefill[chunk]}", flush=True)
+            save(report, args.out)
     if "engine" in parts:
         report["engine"] = run_engine(engine, levels, args, gen, report)
     del engine
@@ -232,6 +277,7 @@ def main() -> None:
         rows = ints(args.engine_compiled)
         engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(rows), compile_decode=True)
         report["engine-compiled"] = run_engine(engine, rows, args, gen, report)
+        report["engine-compiled"]["torch_counters"] = torch_counters()
         del engine
     if "compiled" in parts:
         compiled_levels = ints(args.compiled)
@@ -250,6 +296,7 @@ def main() -> None:
             print(f"compiled {rows} rows: {runs[rows]}", flush=True)
             engine.blocks.release(owned)
             save(report, args.out)
+        runs["torch_counters"] = torch_counters()
     emit(report, args.out)
 
 

@@ -73,13 +73,13 @@ run() {
 
 for step in ${STEPS:-engine tests none 4bit compiled multiturn 8bit}; do
     case $step in
-        engine) run engine 240 "export TORCH_LOGS=perf_hints,recompiles; python3 bench/engine_step.py \
+        engine) run engine 240 "export TORCH_LOGS=perf_hints,recompiles,+torch._inductor.cudagraph_trees; python3 bench/engine_step.py \
             --shape $shape --out $dest/gpu-$card-engine.json; python3 bench/engine_step.py --shape $shape \
             --parts engine-compiled --out $dest/gpu-$card-engine-compiled.json" ;;
         tests) run tests 180 "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py" ;;
         none | 4bit | 8bit) run "$step" 200 "$serve --levels ${LEVELS:-1,16,64} --quantization $step \
             --out $dest/gpu-$card-$step.json" ;;
-        compiled) run compiled 180 "PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \
+        compiled) run compiled 180 "TORCH_LOGS=perf_hints,recompiles,+torch._inductor.cudagraph_trees PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \
             --quantization none --out $dest/gpu-$card-compiled.json" ;;
         multiturn) run multiturn 150 "python3 bench/multiturn.py --shape $shape --servers ptserve,ptserve-nocache \
             --out $dest/gpu-$card-multiturn.json" ;;

@@ -92,6 +92,7 @@ class Worker:
                 vocab_limit=len(loaded.tokenizer),
                 prefix_caching=server.prefix_caching,
                 compile_decode=server.compile_decode,
+                prefill_chunk=server.prefill_chunk_tokens,
             )
             return loaded, engine
 

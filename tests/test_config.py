@@ -93,6 +93,7 @@ def test_wrong_type_names_key_value_and_source():
         ("generation:\n  temperature: 2.5\n", "2.5 - Input should be less than or equal to 2"),
         ("generation:\n  top_p: 0\n", "0 - Input should be greater than 0"),
         ("server:\n  port: 80\n", "80 - Input should be greater than or equal to 1024"),
+        ("server:\n  prefill_chunk_tokens: 8\n", "8 - Input should be greater than or equal to 16"),
         ("server:\n  host: example.com\n", "must be one of 127.0.0.1, 0.0.0.0, ::"),
         ("model:\n  device: gpu\n", "must be auto, cpu, cuda or cuda:N"),
         ("model:\n  dtype: int4\n", "Input should be 'auto', 'bfloat16', 'float16' or 'float32'"),

@@ -716,3 +716,25 @@ def test_an_idle_engine_gives_memory_back_only_after_a_quiet_while(sharp, monkey
         assert len(released) == 2
     finally:
         engine.shutdown()
+
+
+def test_the_worker_hands_its_engine_the_server_settings(tiny_model_dir):
+    """server.prefill_chunk_tokens, max_concurrent_sequences, prefix_caching and kv_cache_gb, from the
+    environment as a user sets them, are what the worker's engine runs with."""
+    from ptserve.config import load_config
+    from ptserve.worker import Worker
+
+    environ = {
+        "PTSERVE_SERVER_PREFILL_CHUNK_TOKENS": "64",
+        "PTSERVE_SERVER_MAX_CONCURRENT_SEQUENCES": "3",
+        "PTSERVE_SERVER_PREFIX_CACHING": "false",
+        "PTSERVE_SERVER_KV_CACHE_GB": "0.01",
+    }
+    config = load_config(None, environ=environ, overrides={("model", "id"): str(tiny_model_dir)})
+    worker = Worker(config, None, None)
+    try:
+        engine = worker.engine
+        assert (engine.prefill_chunk, engine.max_seqs, engine.blocks.prefix_caching) == (64, 3, False)
+        assert engine.pool.nbytes <= 10**7 < engine.pool.nbytes + engine.bytes_per_block
+    finally:
+        worker.engine.shutdown()
