@@ -20,7 +20,10 @@ For each number of rows B (--levels):
 --parts picks them. torch 2.11's CUDA graph trees keep their state per thread and assert when a second
 thread uses them (2.13 sets each thread up): run `compiled` and `engine-compiled` in separate processes there.
 
-A random-weight model of the --shape (bench/serve.py's shapes) is made in memory: nothing is written.
+A random-weight model of the --shape (bench/serve.py's shapes) is made in memory (the server's dtype):
+nothing is written. On a CPU, time `engine` in a run of its own (--parts engine): the other parts run on
+this thread, and once two threads have run OpenMP work every parallel region waits for the other team's
+threads to wake (ptserve.worker.on_engine_thread; a decoding step ~1.8x as long).
 A benchmark, not a test: nothing here asserts time. JSON with --out."""
 
 from __future__ import annotations
@@ -48,9 +51,11 @@ from ptserve.tinymodel import TinyShape, model_config  # noqa: E402
 def make_model(shape: str, device: torch.device):
     from transformers import Phi3ForCausalLM
 
+    from ptserve.engine.loader import cpu_has_fast_bf16
+
     torch.manual_seed(0)
-    with torch.device(device):
-        torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device(device):  # the server's `dtype: auto`
+        torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32)
         try:
             model = Phi3ForCausalLM(model_config(TinyShape(**SHAPES[shape]))).eval()
         finally:
