@@ -99,7 +99,7 @@ def test_decoding_rows_are_grouped_by_length_and_read_only_their_groups_blocks()
     positions = [0, 1, 7, 8, 9, 10]  # each decoding row's batch position (the chunk takes 2-6)
     order = sorted(range(len(ends)), key=ends.__getitem__)
     assert batch.single_idx.tolist() == [positions[i] for i in order]
-    assert GROUP == 4 and batch.single_widths == [3, 19]  # 17, 20, 20, 40 tokens; then 100, 300
+    assert GROUP == 4 and batch.groups == [(0, 4, 3), (4, 6, 19)]  # 17, 20, 20, 40 tokens; then 100, 300
     assert batch.single_tables.shape == (6, 19) and batch.single_tables[0, 2:].eq(NULL_BLOCK).all()
 
 
@@ -141,6 +141,42 @@ def test_a_ragged_pass_attends_each_row_to_exactly_its_own_tokens():
     v = torch.randn(1, kv_heads, total, size, generator=gen)
     layer = type("Layer", (), {"layer_idx": 0})()
     out, _ = paged_attention(layer, q, k, v, None, 0.3, paged=PagedBatch.build(pool, rows, use_varlen=False))
+    assert_each_row_alone(pool, rows, q, out)
+
+
+def test_on_a_gpu_decoding_rows_share_calls_up_to_the_gather_bound(monkeypatch):
+    """On a GPU, decoding rows (shortest first) go into as few gather + SDPA calls as GPU_GATHER_TOKENS
+    allows: all of them while their padded copy fits, a long row alone, one row a call at least. Run on the
+    CPU with those calls (uneven ones), the pass gives each row's attention alone."""
+    from ptserve.engine import paged
+    from ptserve.engine.paged import KVPool, PagedBatch, paged_attention
+
+    gpu = torch.device("cuda")  # a device type only: nothing runs there
+    assert paged.GPU_GATHER_TOKENS == 1 << 17 and paged.GPU_GROUP is None
+    assert paged._groups(gpu, [128] * 64, 16) == [(0, 64, 128)]  # 64 rows of 2k tokens: one call
+    assert paged._groups(gpu, [8] * 63 + [8192], 16) == [(0, 63, 8), (63, 64, 8192)]  # a 128k-token row
+    assert paged._groups(gpu, [9000, 9000], 16) == [(0, 1, 9000), (1, 2, 9000)]  # over the bound: alone
+    assert paged._groups(torch.device("cpu"), [1, 2, 2, 3, 7], 16) == [(0, 4, 3), (4, 5, 7)]
+
+    monkeypatch.setattr(paged, "GPU_GATHER_TOKENS", 6 * BS)  # calls of 3, 1 and 1 rows below
+    heads, kv_heads, size = 4, 2, 8
+    pool = KVPool(1, 64, BS, kv_heads, size, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    for store in pool.keys + pool.values:
+        store.normal_(generator=gen)
+    shapes = [(40, 1), (3, 1), (20, 1), (90, 1), (0, 6), (10, 1)]  # 1, 1, 2, 3 and 6 blocks; a chunk
+    rows, free = [], iter(torch.randperm(63, generator=gen).add(1).tolist())
+    for start, n in shapes:
+        rows.append((start, n, [next(free) for _ in range(-(-(start + n) // BS))]))
+    batch = PagedBatch.build(pool, rows, use_varlen=False)
+    batch.groups = paged._groups(gpu, [len(t) for t in sorted((r[2] for r in rows if r[1] == 1), key=len)], BS)
+    assert batch.groups == [(0, 3, 2), (3, 4, 3), (4, 5, 6)]
+    total = sum(n for _, n in shapes)
+    q = torch.randn(1, heads, total, size, generator=gen)
+    k = torch.randn(1, kv_heads, total, size, generator=gen)
+    v = torch.randn(1, kv_heads, total, size, generator=gen)
+    layer = type("Layer", (), {"layer_idx": 0})()
+    out, _ = paged_attention(layer, q, k, v, None, 0.3, paged=batch)
     assert_each_row_alone(pool, rows, q, out)
 
 

@@ -102,10 +102,14 @@ class Segment:
 # call for 64 rows of ~110 tokens took 12.6 ms, 16 calls of 4 rows 2.7 ms, bench512's attention shape).
 # The rows are grouped by length, and a group reads only as many blocks as its longest row holds.
 GROUP = 4
-# On a GPU every decoding row is gathered into one SDPA call (padded to the longest row): each call costs
-# kernel launches and Python in every layer, and launches set an eager pass's pace there (H100, torch 2.11,
-# Phi-3.5's shape, rows of 384 tokens, bench/engine_step.py: 64 rows 161.7 ms a pass in groups of 4, 38.6 in
-# one call; 16 rows 57.2 vs 40.0). None = all rows in one call; a number, that many a call.
+# On a GPU decoding rows are gathered into as few SDPA calls as GPU_GATHER_TOKENS allows (each call pads its
+# rows to its longest): every call costs kernel launches and Python in every layer, and launches set an
+# eager pass's pace there (H100, torch 2.11, Phi-3.5's shape, rows of 384 tokens, bench/engine_step.py: 64
+# rows 161.7 ms a pass in calls of 4 rows, 38.6 in one; 16 rows 57.2 vs 40.0). The bound keeps the gathered
+# copy's memory in check when rows are long: at Phi-3.5's shape 2^17 tokens are 1.5 GiB of one layer's keys
+# and values (64 rows of 2k tokens in one call; a row of 128k tokens alone). GPU_GROUP, when set, caps
+# the rows of a call too (bench/engine_step.py --groups times that).
+GPU_GATHER_TOKENS = 1 << 17
 GPU_GROUP: int | None = None
 
 # On the CPU, a decoding row whose blocks include runs of consecutive ones (as a prompt's blocks are
@@ -157,8 +161,7 @@ class PagedBatch:
     single_tables: torch.Tensor | None  # [S, W] long: their blocks, padded with the null block
     single_mask: torch.Tensor | None  # [S, 1, 1, W * block_size] bool: each row's own tokens
     segments: list[Segment]
-    single_widths: list[int] | None = None  # blocks each group of them reads (None: W for every group)
-    group: int = GROUP  # decoding rows per gather + SDPA call
+    groups: list[tuple[int, int, int]] | None = None  # (first, end, blocks read) of each gather + SDPA call
     alone: list[tuple[int, InPlace]] | None = None  # rows with one new token read in place: (position, how)
     # FlashAttention's varlen layout (CUDA only), every row in batch order
     cu_seq_q: torch.Tensor | None = None
@@ -220,10 +223,7 @@ class PagedBatch:
             tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in single_tables], device=device)
             batch.single_tables = tables
             batch.single_mask = _length_mask(torch.tensor(single_lens, device=device), width * bs)
-            batch.group = group = _group(device, len(single))
-            batch.single_widths = [
-                len(single_tables[min(g + group, len(single)) - 1]) for g in range(0, len(single), group)
-            ]
+            batch.groups = _groups(device, [len(t) for t in single_tables], bs)
         return batch
 
     @classmethod
@@ -232,7 +232,7 @@ class PagedBatch:
         is compiled). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
         with the new one."""
         batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
-        batch.group = _group(slots.device, tables.shape[0])
+        batch.groups = _groups(slots.device, [tables.shape[1]] * tables.shape[0], pool.block_size)  # from shapes
         if use_varlen:
             rows = tables.shape[0]
             batch.cu_seq_q = torch.arange(rows + 1, dtype=torch.int32, device=slots.device)
@@ -242,11 +242,21 @@ class PagedBatch:
         return batch
 
 
-def _group(device: torch.device, rows: int) -> int:
-    """Decoding rows per gather + SDPA call: GROUP on the CPU, GPU_GROUP (None: all) elsewhere."""
-    if device.type == "cpu":
-        return GROUP
-    return max(1, rows if GPU_GROUP is None else GPU_GROUP)
+def _groups(device: torch.device, widths: list[int], block_size: int) -> list[tuple[int, int, int]]:
+    """Decoding rows (their blocks, shortest first) split into gather + SDPA calls: (first, end, blocks each
+    row of the call reads). GROUP rows a call on the CPU; on a GPU as many as GPU_GATHER_TOKENS (and
+    GPU_GROUP) allow, one at least."""
+    groups, start = [], 0
+    for i in range(1, len(widths) + 1):
+        if device.type == "cpu":
+            close = i - start == GROUP
+        else:
+            close = GPU_GROUP is not None and i - start == GPU_GROUP
+            close = close or (i < len(widths) and (i + 1 - start) * widths[i] * block_size > GPU_GATHER_TOKENS)
+        if close or i == len(widths):
+            groups.append((start, i, widths[i - 1]))
+            start = i
+    return groups
 
 
 def _length_mask(lens: torch.Tensor, width: int) -> torch.Tensor:
@@ -277,11 +287,9 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
         qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
         os = qs.new_empty(qs.shape)
         tables, mask, bs = batch.single_tables, batch.single_mask, pool.block_size
-        group = batch.group
-        for g, start in enumerate(range(0, tables.shape[0], group)):
-            width = batch.single_widths[g] if batch.single_widths is not None else tables.shape[1]
-            index = tables[start : start + group, :width].reshape(-1)
-            rows = min(group, tables.shape[0] - start)
+        for start, end, width in batch.groups:
+            index = tables[start:end, :width].reshape(-1)
+            rows = end - start
             k = k_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)  # [g, kvh, L, D]
             v = v_blocks.index_select(0, index).view(rows, -1, kvh, size).transpose(1, 2)
             group_mask = mask[start : start + rows, :, :, : width * bs]
