@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Wheels for issue 7's GPU run: what ptserve needs that the device image lacks (its Python is 3.12 and it
-# has torch 2.11, transformers 5.17 (ptserve pins 5.24: carried), accelerate, prometheus-client, tokenizers, safetensors). Run here, in
-# the repository root, where the package registry is reachable; the device call carries .whl.
+# Wheels for the GPU run (bench/gpu.sh): what ptserve needs that the device image lacks. Its Python is 3.12
+# and it has torch 2.11, transformers 5.17 (ptserve pins 5.24: carried), accelerate, prometheus-client,
+# tokenizers, safetensors, and pytest with what it needs (both calls of 2026-11-27 ran the tests with them).
+# Run here, in the repository root, where the package registry is reachable; the device call carries .whl.
 set -euo pipefail
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
 mkdir -p .whl

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU measurement (issues 7 and 12), as one command on the device machine, with `carry: [".whl"]` after
 # bench/gpu-wheels.sh ran here:
-#     bash bench/gpu.sh                     # every step below, in this order, inside BUDGET_S seconds
-#     STEPS="tests none" bash bench/gpu.sh  # some of them
-# Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share):
-#     tests     the `gpu`-marked tests (tests/test_gpu.py: the varlen kernel, CUDA graphs)
+#     BUDGET_S=540 bash bench/gpu.sh        # the steps below in this order, as many as BUDGET_S seconds allow
+#     STEPS="none 4bit" bash bench/gpu.sh   # some of them (a later call on the same warm machine)
+# Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share; 540 s hold
+# engine and tests and about half of none: the rest need a call of their own):
 #     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
-#               rows' grouping for SDPA, the compiled decode; then, in a second process, the engine's loop
-#               with the compiled decode, as the server runs it)
+#               rows' grouping for SDPA, prefill chunks, the compiled decode; then, in a second process, the
+#               engine's loop with the compiled decode, as the server runs it)
+#     tests     the `gpu`-marked tests (tests/test_gpu.py: the varlen kernel, CUDA graphs)
 #     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
-#     4bit 8bit the same, bitsandbytes-quantized at load
+#     4bit      the same, bitsandbytes-quantized at load (8bit likewise, last)
 #     compiled  the same as none with server.compile_decode (torch.compile, CUDA graphs) at COMPILED_LEVELS
 #     multiturn bench/multiturn.py on the same model, ptserve with and without its prefix cache
 # Results in $OUT (or bench/out/): gpu-<card>-<step>.json, the tests' and steps' logs and the servers' logs in
@@ -24,10 +25,18 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # ptserve itself, not installed there
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-dest=${OUT:-bench/out}
-mkdir -p "$dest" bench/out
+out=${OUT:-bench/out}
+dest=$(printf %q "$out")  # quoted: it goes into the steps' command lines
+mkdir -p "$out" bench/out
 logs=bench/out/gpu-logs
+rm -rf $logs  # a warm machine keeps an earlier call's
 mkdir -p $logs
+# every process this script starts carries the marker; a step's leftovers (servers run in sessions of their
+# own, out of `timeout`'s reach) are found by it and killed before the next step
+export GPU_BENCH_RUN=$$
+leftovers() {
+    grep -lzx "GPU_BENCH_RUN=$$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | grep -vx "$$"
+}
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
 card=${card:-cpu}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -60,7 +69,8 @@ run() {
     rm -f bench/out/ptserve*.log bench/out/multiturn-*.log
     timeout -k 10 "$limit" bash -c "$3" >$logs/$name.log 2>&1
     rc=$?
-    pkill -9 -f 'server.py --model|multiprocessing' && sleep 3
+    pids=$(leftovers)
+    [ -n "$pids" ] && { kill -9 $pids 2>/dev/null; sleep 3; }
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s"
     grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|profile|model) |cudagraph' $logs/$name.log | cut -c1-1500 | tail -24
     for f in bench/out/ptserve*.log bench/out/multiturn-*.log; do
@@ -86,5 +96,5 @@ for step in ${STEPS:-engine tests none 4bit compiled multiturn 8bit}; do
         *) echo "unknown step $step" ;;
     esac
 done
-tar -czf "$dest/gpu-logs.tgz" -C bench/out gpu-logs
+tar -czf "$out/gpu-logs.tgz" -C bench/out gpu-logs
 echo "== done in $(($(date +%s) - start)) s"

@@ -157,7 +157,7 @@ class Server:
         except (OSError, subprocess.CalledProcessError):
             return out
         used = [int(m) for pid, m in (line.split(", ") for line in apps.splitlines() if line) if pid in pids]
-        out["gpu_memory_mb"] = sum(used) if used else None
+        out["gpu_memory_mb"] = round(sum(used) * 1.048576, 1) if used else None  # nvidia-smi says MiB
         return out
 
     def stop(self):

@@ -152,10 +152,13 @@ def test_on_a_gpu_decoding_rows_share_calls_up_to_the_gather_bound(monkeypatch):
     from ptserve.engine.paged import KVPool, PagedBatch, paged_attention
 
     gpu = torch.device("cuda")  # a device type only: nothing runs there
-    assert paged.GPU_GATHER_TOKENS == 1 << 17 and paged.GPU_GROUP is None
+    assert (paged.GPU_GATHER_TOKENS, paged.GPU_CALL_TOKENS, paged.GPU_GROUP) == (1 << 17, 1 << 14, None)
     assert paged._groups(gpu, [128] * 64, 16) == [(0, 64, 128)]  # 64 rows of 2k tokens: one call
     assert paged._groups(gpu, [8] * 63 + [8192], 16) == [(0, 63, 8), (63, 64, 8192)]  # a 128k-token row
     assert paged._groups(gpu, [9000, 9000], 16) == [(0, 1, 9000), (1, 2, 9000)]  # over the bound: alone
+    # 63 rows of 100 tokens and one of 2,000: padding the 63 to 2,000 would gather 119k tokens for nothing
+    assert paged._groups(gpu, [7] * 63 + [125], 16) == [(0, 63, 7), (63, 64, 125)]
+    assert paged._groups(gpu, [7] * 63 + [20], 16) == [(0, 64, 20)]  # 13k tokens of padding: one call
     assert paged._groups(torch.device("cpu"), [1, 2, 2, 3, 7], 16) == [(0, 4, 3), (4, 5, 7)]
 
     monkeypatch.setattr(paged, "GPU_GATHER_TOKENS", 6 * BS)  # calls of 3, 1 and 1 rows below

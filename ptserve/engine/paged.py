@@ -107,9 +107,13 @@ GROUP = 4
 # eager pass's pace there (H100, torch 2.11, Phi-3.5's shape, rows of 384 tokens, bench/engine_step.py: 64
 # rows 161.7 ms a pass in calls of 4 rows, 38.6 in one; 16 rows 57.2 vs 40.0). The bound keeps the gathered
 # copy's memory in check when rows are long: at Phi-3.5's shape 2^17 tokens are 1.5 GiB of one layer's keys
-# and values (64 rows of 2k tokens in one call; a row of 128k tokens alone). GPU_GROUP, when set, caps
-# the rows of a call too (bench/engine_step.py --groups times that).
+# and values (64 rows of 2k tokens in one call; a row of 128k tokens alone). A call also closes before a row
+# that would pad the call's rows by more than GPU_CALL_TOKENS tokens in all: there one more call cost about
+# as much as gathering ~25k tokens (8.2 ms a pass per call, 8 ms for 24.6k tokens; bf16, all 32 layers), so
+# 63 rows of 100 tokens and one of 2,000 take two calls, not one gathering 64 x 2,000. GPU_GROUP, when
+# set, caps the rows of a call too (bench/engine_step.py --groups times that).
 GPU_GATHER_TOKENS = 1 << 17
+GPU_CALL_TOKENS = 1 << 14
 GPU_GROUP: int | None = None
 
 # On the CPU, a decoding row whose blocks include runs of consecutive ones (as a prompt's blocks are
@@ -244,18 +248,22 @@ class PagedBatch:
 
 def _groups(device: torch.device, widths: list[int], block_size: int) -> list[tuple[int, int, int]]:
     """Decoding rows (their blocks, shortest first) split into gather + SDPA calls: (first, end, blocks each
-    row of the call reads). GROUP rows a call on the CPU; on a GPU as many as GPU_GATHER_TOKENS (and
-    GPU_GROUP) allow, one at least."""
-    groups, start = [], 0
+    row of the call reads). GROUP rows a call on the CPU; on a GPU as many as GPU_GATHER_TOKENS,
+    GPU_CALL_TOKENS (and GPU_GROUP) allow, one at least."""
+    groups, start, real = [], 0, 0  # real: blocks the open call's rows hold
     for i in range(1, len(widths) + 1):
-        if device.type == "cpu":
+        real += widths[i - 1]
+        if i == len(widths):
+            close = True
+        elif device.type == "cpu":
             close = i - start == GROUP
         else:
-            close = GPU_GROUP is not None and i - start == GPU_GROUP
-            close = close or (i < len(widths) and (i + 1 - start) * widths[i] * block_size > GPU_GATHER_TOKENS)
-        if close or i == len(widths):
+            padded = (i + 1 - start) * widths[i]  # blocks gathered were row i added
+            close = (GPU_GROUP is not None and i - start == GPU_GROUP) or padded * block_size > GPU_GATHER_TOKENS
+            close = close or (padded - real - widths[i]) * block_size > GPU_CALL_TOKENS
+        if close:
             groups.append((start, i, widths[i - 1]))
-            start = i
+            start, real = i, 0
     return groups
 
 
