@@ -8,7 +8,8 @@ For each number of rows B (--levels):
   --riders decoding rows of --context tokens beside it, as the engine schedules a joining prompt
   (server.prefill_chunk_tokens sets N): what a chunk costs the streams already running;
 - `engine`: B requests of --prompt random tokens, --tokens greedy tokens each, through Engine.submit (the
-  scheduler, sampling and streams included): inter-token time per stream (median) and tokens/s;
+  scheduler, sampling and streams included): inter-token time per stream (median), tokens/s and the host
+  time of each phase of a pass (`Phases`: on a GPU, where the host waits for it);
 - `profile` (--profile B,...): torch.profiler over a few eager passes: the wall time a pass takes against the
   GPU's busy time (a pass the host cannot launch fast enough shows a GPU mostly idle) and the top operators;
 - `compiled` (--compiled B,...): the same forward through the compiled decode (torch.compile, CUDA graphs on
@@ -184,13 +185,49 @@ def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, re
         for rows in levels:
             started = time.perf_counter()
             asyncio.run(generate(engine, rows, args.prompt, 4, gen))  # warm-up (and the compiles)
-            runs[rows] = asyncio.run(generate(engine, rows, args.prompt, args.tokens, gen))
+            with Phases(engine) as phases:
+                runs[rows] = asyncio.run(generate(engine, rows, args.prompt, args.tokens, gen))
             runs[rows]["warm_up_s"] = round(time.perf_counter() - started, 1)
+            runs[rows]["host_ms_per_pass"] = phases.report()
             print(f"engine {rows} rows{' compiled' if engine._decode else ''}: {runs[rows]}", flush=True)
             save(report, args.out)
     finally:
         engine.shutdown()
     return runs
+
+
+class Phases:
+    """Host time of the engine's step phases (wall clock on its thread, per pass): `_pass` launches the
+    forward (on a GPU it returns before the GPU is done), `_sample` reads the sampled ids back (there the
+    host waits for the GPU), `_advance` is sampling plus handing tokens to the streams."""
+
+    NAMES = ("_schedule", "_run", "_pass", "_advance", "_sample", "_retire")
+
+    def __init__(self, engine: Engine):
+        self.engine, self.totals, self.counts = engine, dict.fromkeys(self.NAMES, 0.0), dict.fromkeys(self.NAMES, 0)
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(self.engine, name)
+
+            def timed(*args, _name=name, _original=original):
+                start = time.perf_counter()
+                try:
+                    return _original(*args)
+                finally:
+                    self.totals[_name] += time.perf_counter() - start
+                    self.counts[_name] += 1
+
+            setattr(self.engine, name, timed)  # an instance attribute: the class's method stays as it is
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.NAMES:
+            delattr(self.engine, name)
+
+    def report(self) -> dict:
+        passes = max(1, self.counts["_run"])
+        return {"passes": passes, **{k: round(1000 * v / passes, 3) for k, v in self.totals.items()}}
 
 
 def torch_counters() -> dict:
