@@ -623,6 +623,10 @@ class Engine:
         tables = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
         device = self.device
+        if device.type == "cuda":
+            # a new step for CUDA graph trees, said outright (torch's advice for inference loops): the last
+            # pass's outputs are done with, so its graph's memory may be replayed over
+            torch.compiler.cudagraph_mark_step_begin()
         hidden = self._decode(
             torch.tensor([ids], device=device),
             torch.tensor([positions], device=device),
