@@ -92,7 +92,7 @@ class Worker:
                 vocab_limit=len(loaded.tokenizer),
                 prefix_caching=server.prefix_caching,
                 compile_decode=server.compile_decode,
-                prefill_chunk=server.prefill_chunk_tokens,
+                prefill_chunk=loader.prefill_chunk_tokens(config, loaded.device),
             )
             return loaded, engine
 
@@ -101,9 +101,11 @@ class Worker:
         self.names = TokenNames(loaded.tokenizer)
         self.eos_token_ids = tuple(loaded.eos_token_ids)
         logger.info(
-            "engine %s: %d sequences at once, KV pool of %d blocks x %d tokens (%.2f GB), prefix caching %s",
+            "engine %s: %d sequences at once, prompts in chunks of %d tokens, KV pool of %d blocks x %d tokens "
+            "(%.2f GB), prefix caching %s",
             self.name,
             server.max_concurrent_sequences,
+            self.engine.prefill_chunk,
             self.engine.blocks.usable,
             self.engine.block_size,
             self.engine.pool.nbytes / 1e9,

@@ -777,3 +777,23 @@ def test_the_worker_hands_its_engine_the_server_settings(tiny_model_dir):
         assert engine.pool.nbytes <= 10**7 < engine.pool.nbytes + engine.bytes_per_block
     finally:
         worker.engine.shutdown()
+
+
+def test_prompt_chunks_by_device_unless_configured(monkeypatch):
+    """server.prefill_chunk_tokens null: 512 on the CPU; on a GPU vLLM's API-server defaults, 8192 with
+    70 GiB or more (an A100 excepted) and 2048 below; a configured value wins everywhere."""
+    from types import SimpleNamespace
+
+    from ptserve.config import load_config
+    from ptserve.engine import loader
+
+    auto = load_config(None, environ={})
+    cuda = torch.device("cuda")
+    cards = {"H100": (80 * 2**30, 8192), "A100": (80 * 2**30, 2048), "L4": (22 * 2**30, 2048)}
+    for name, (memory, want) in cards.items():
+        props = SimpleNamespace(name=f"NVIDIA {name}", total_memory=memory)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        assert loader.prefill_chunk_tokens(auto, cuda) == want, name
+    assert loader.prefill_chunk_tokens(auto, torch.device("cpu")) == 512
+    fixed = load_config(None, environ={"PTSERVE_SERVER_PREFILL_CHUNK_TOKENS": "1024"})
+    assert loader.prefill_chunk_tokens(fixed, cuda) == loader.prefill_chunk_tokens(fixed, torch.device("cpu")) == 1024
