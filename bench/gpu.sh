@@ -4,10 +4,11 @@
 #     BUDGET_S=540 bash bench/gpu.sh        # the steps below in this order, as many as BUDGET_S seconds allow
 #     STEPS="none 4bit" bash bench/gpu.sh   # some of them (a later call on the same warm machine)
 # Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share; 540 s hold
-# engine and tests and about half of none: the rest need a call of their own):
+# the engine steps and the tests: the rest need a call of their own, STEPS="none 4bit compiled ..."):
 #     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
-#               rows' grouping for SDPA, prefill chunks, the compiled decode; then, in a second process, the
-#               engine's loop with the compiled decode, as the server runs it)
+#               rows' grouping for SDPA, prefill chunks, the engine loop's phases, the compiled decode)
+#     engine-compiled  the engine's loop with the compiled decode (CUDA graphs) at ENGINE_COMPILED rows
+#               (1,16), as the server runs it: a process of its own (torch 2.11's graph trees are per thread)
 #     tests     the `gpu`-marked tests (tests/test_gpu.py: the varlen kernel, CUDA graphs)
 #     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
@@ -81,11 +82,14 @@ run() {
     [ $rc -ne 0 ] && tail -25 $logs/$name.log
 }
 
-for step in ${STEPS:-engine tests none 4bit compiled multiturn 8bit}; do
+logs_compile=perf_hints,recompiles,+torch._inductor.cudagraph_trees  # why graphs are skipped or re-recorded
+for step in ${STEPS:-engine engine-compiled tests none 4bit compiled multiturn 8bit}; do
     case $step in
-        engine) run engine 240 "export TORCH_LOGS=perf_hints,recompiles,+torch._inductor.cudagraph_trees; python3 bench/engine_step.py \
-            --shape $shape --out $dest/gpu-$card-engine.json; python3 bench/engine_step.py --shape $shape \
-            --parts engine-compiled --out $dest/gpu-$card-engine-compiled.json" ;;
+        engine) run engine 150 "TORCH_LOGS=$logs_compile python3 bench/engine_step.py --shape $shape \
+            --out $dest/gpu-$card-engine.json" ;;
+        engine-compiled) run engine-compiled 200 "TORCH_LOGS=$logs_compile python3 bench/engine_step.py \
+            --shape $shape --parts engine-compiled --engine-compiled ${ENGINE_COMPILED:-1,16} \
+            --out $dest/gpu-$card-engine-compiled.json" ;;
         tests) run tests 180 "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py" ;;
         none | 4bit | 8bit) run "$step" 200 "$serve --levels ${LEVELS:-1,16,64} --quantization $step \
             --out $dest/gpu-$card-$step.json" ;;
