@@ -63,8 +63,9 @@ def test_block_keys_name_the_whole_prefix():
 def test_a_chunk_attends_to_its_prefix_and_itself_as_one_masked_call(heads, kv_heads):
     """After cached or earlier-computed tokens, a chunk's attention is two unmasked kernel calls (the
     keys before it, its own causally) merged by log-sum-exp: equal to one call with the causal mask,
-    for any start (mid-block too) and grouped-query heads."""
-    from ptserve.engine.paged import _two_part
+    for any start (mid-block too) and grouped-query heads. That one masked call is the GPU's path without
+    FlashAttention's varlen kernel (`_masked_chunk`): it gives the same."""
+    from ptserve.engine.paged import _masked_chunk, _two_part
 
     gen = torch.Generator().manual_seed(0)
     for before, n in ((16, 5), (37, 9), (100, 1)):
@@ -79,6 +80,8 @@ def test_a_chunk_attends_to_its_prefix_and_itself_as_one_masked_call(heads, kv_h
             q, k, v, attn_mask=mask, scale=0.35, enable_gqa=heads != kv_heads
         )
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        parts = (k[:, :, :before], v[:, :, :before], k[:, :, before:], v[:, :, before:])
+        torch.testing.assert_close(_masked_chunk(q, *parts, 0.35, heads != kv_heads), want, atol=1e-6, rtol=1e-5)
 
 
 def test_decoding_rows_are_grouped_by_length_and_read_only_their_groups_blocks():
@@ -781,19 +784,22 @@ def test_the_worker_hands_its_engine_the_server_settings(tiny_model_dir):
 
 def test_prompt_chunks_by_device_unless_configured(monkeypatch):
     """server.prefill_chunk_tokens null: 512 on the CPU; on a GPU vLLM's API-server defaults, 8192 with
-    70 GiB or more (an A100 excepted) and 2048 below; a configured value wins everywhere."""
+    70 GiB or more (an A100 excepted; and with the paged varlen kernel, whose absence means masked chunks)
+    and 2048 below; a configured value wins everywhere."""
     from types import SimpleNamespace
 
     from ptserve.config import load_config
-    from ptserve.engine import loader
+    from ptserve.engine import loader, scheduler
 
     auto = load_config(None, environ={})
     cuda = torch.device("cuda")
     cards = {"H100": (80 * 2**30, 8192), "A100": (80 * 2**30, 2048), "L4": (22 * 2**30, 2048)}
-    for name, (memory, want) in cards.items():
-        props = SimpleNamespace(name=f"NVIDIA {name}", total_memory=memory)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
-        assert loader.prefill_chunk_tokens(auto, cuda) == want, name
+    for varlen in (True, False):
+        monkeypatch.setattr(scheduler, "_has_varlen", lambda varlen=varlen: varlen)
+        for name, (memory, want) in cards.items():
+            props = SimpleNamespace(name=f"NVIDIA {name}", total_memory=memory)
+            monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+            assert loader.prefill_chunk_tokens(auto, cuda) == (want if varlen else 2048), name
     assert loader.prefill_chunk_tokens(auto, torch.device("cpu")) == 512
     fixed = load_config(None, environ={"PTSERVE_SERVER_PREFILL_CHUNK_TOKENS": "1024"})
     assert loader.prefill_chunk_tokens(fixed, cuda) == loader.prefill_chunk_tokens(fixed, torch.device("cpu")) == 1024

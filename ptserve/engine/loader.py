@@ -125,7 +125,9 @@ def kv_cache_bytes(config: Config, device: torch.device) -> int:
 
 CPU_PREFILL_CHUNK = 512  # measured on this project's CPUs (README, "The engine")
 GPU_PREFILL_CHUNK = 2048  # vLLM's API-server default (max_num_batched_tokens) ...
-BIG_GPU_PREFILL_CHUNK = 8192  # ... and on GPUs of 70 GiB or more other than the A100 (H100, H200, MI300X)
+BIG_GPU_PREFILL_CHUNK = 8192  # ... and on GPUs of 70 GiB or more other than the A100 (H100, H200, MI300X),
+# given FlashAttention's paged varlen kernel: without it a chunk after a long prefix attends through a mask
+# of [chunk, prefix + chunk] bools (8192 x 128k: 1 GiB a layer)
 
 
 def prefill_chunk_tokens(config: Config, device: torch.device) -> int:
@@ -136,8 +138,10 @@ def prefill_chunk_tokens(config: Config, device: torch.device) -> int:
         return config.server.prefill_chunk_tokens
     if device.type != "cuda":
         return CPU_PREFILL_CHUNK
+    from ptserve.engine.scheduler import _has_varlen
+
     props = torch.cuda.get_device_properties(device)
-    big = props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower()
+    big = props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower() and _has_varlen()
     return BIG_GPU_PREFILL_CHUNK if big else GPU_PREFILL_CHUNK
 
 

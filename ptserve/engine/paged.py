@@ -361,12 +361,8 @@ def _two_part(q, k_before, v_before, k_own, v_own, scaling, gqa: bool) -> torch.
     unmasked kernel calls merged by their log-sum-exps: what one call over both with a mask gives, up to
     float rounding (each part is rounded to the model's dtype before the merge). That call costs ~25% more
     on the CPU: the kernel converts the mask and reads it; here there is none. [1, H, n, D] -> [1, H, n, D]."""
-    if q.device.type != "cpu":  # the masked call (CUDA without FlashAttention's varlen kernel)
-        n, before = q.shape[2], k_before.shape[2]
-        t = torch.arange(n, device=q.device).unsqueeze(1)
-        mask = torch.arange(before + n, device=q.device).unsqueeze(0) <= before + t
-        k, v = torch.cat([k_before, k_own], 2), torch.cat([v_before, v_own], 2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    if q.device.type != "cpu":  # CUDA without FlashAttention's varlen kernel
+        return _masked_chunk(q, k_before, v_before, k_own, v_own, scaling, gqa)
     if gqa:  # the CPU kernel behind SDPA takes as many key heads as query heads
         groups = q.shape[1] // k_own.shape[1]
         k_before, v_before, k_own, v_own = (t.repeat_interleave(groups, 1) for t in (k_before, v_before, k_own, v_own))
@@ -375,6 +371,15 @@ def _two_part(q, k_before, v_before, k_own, v_own, scaling, gqa: bool) -> torch.
     o2, lse2 = flash(q, k_own, v_own, 0.0, True, scale=scaling)
     w1 = torch.sigmoid(lse1 - lse2).unsqueeze(-1)  # exp(lse1) / (exp(lse1) + exp(lse2))
     return torch.lerp(o2.float(), o1.float(), w1).to(q.dtype)
+
+
+def _masked_chunk(q, k_before, v_before, k_own, v_own, scaling, gqa: bool) -> torch.Tensor:
+    """`_two_part` as one SDPA call over both parts' keys with the causal mask: [n, before + n] bools."""
+    n, before = q.shape[2], k_before.shape[2]
+    t = torch.arange(n, device=q.device).unsqueeze(1)
+    mask = torch.arange(before + n, device=q.device).unsqueeze(0) <= before + t
+    k, v = torch.cat([k_before, k_own], 2), torch.cat([v_before, v_own], 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
 def _varlen_rows(batch: PagedBatch, layer: int, query, scaling) -> torch.Tensor:
