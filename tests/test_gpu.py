@@ -151,3 +151,22 @@ def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
                 compiled = engine._decode(*args).float()
                 eager = engine._decode_step(*args).float()
                 torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
+def test_flash_chunks_equal_the_masked_call(heads, kv_heads):
+    """Without the varlen kernel, a prompt chunk after earlier tokens attends as two FlashAttention calls
+    merged by log-sum-exp (the engine's start-up check passes here) and equals one masked call, head size
+    96 as Phi-3.5's, grouped-query heads too."""
+    assert paged.flash_chunks_work("cuda", torch.bfloat16, kv_heads, heads, 96)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for before, n in ((16, 5), (300, 64), (1000, 512)):
+        q = torch.randn((1, heads, n, 96), generator=gen, device="cuda", dtype=torch.bfloat16)
+        k, v = (
+            torch.randn((1, kv_heads, before + n, 96), generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "kv"
+        )
+        parts = (k[:, :, :before], v[:, :, :before], k[:, :, before:], v[:, :, before:])
+        fast = paged._two_part(q, *parts, 96**-0.5, heads != kv_heads, cuda_flash=True)
+        torch.testing.assert_close(
+            fast, paged._masked_chunk(q, *parts, 96**-0.5, heads != kv_heads), atol=ATOL, rtol=ATOL
+        )

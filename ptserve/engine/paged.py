@@ -48,6 +48,9 @@ class KVPool:
     def __init__(self, num_layers, num_blocks, block_size, kv_heads, head_dim, dtype, device):
         self.block_size, self.kv_heads, self.head_dim = block_size, kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
+        # on CUDA without the varlen kernel: prompt chunks after earlier tokens as two FlashAttention calls
+        # merged (as on the CPU), once `flash_chunks_work` said so here; else one masked call
+        self.flash_chunks = False
         shape = (num_blocks, block_size, kv_heads, head_dim)
         # torch.empty: on the CPU, pages nobody touched cost nothing
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -321,7 +324,7 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
         else:  # and every key before the chunk, gathered from the pool
             kp = k_blocks.index_select(0, seg.table).view(-1, kvh, size)[: seg.start].transpose(0, 1).unsqueeze(0)
             vp = v_blocks.index_select(0, seg.table).view(-1, kvh, size)[: seg.start].transpose(0, 1).unsqueeze(0)
-            o = _two_part(qs, kp, vp, k, v, scaling, gqa)
+            o = _two_part(qs, kp, vp, k, v, scaling, gqa, pool.flash_chunks)
         out[seg.q_start : seg.q_end] = o[0].transpose(0, 1)
     return out
 
@@ -356,19 +359,24 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype) -> torch.Tenso
     return torch.stack([o.float() for o, _ in parts]).mul_(weights).sum(0).to(dtype)
 
 
-def _two_part(q, k_before, v_before, k_own, v_own, scaling, gqa: bool) -> torch.Tensor:
+def _two_part(q, k_before, v_before, k_own, v_own, scaling, gqa: bool, cuda_flash: bool = False) -> torch.Tensor:
     """Attention of a chunk's queries over the keys before it (all visible) and its own (causal), as two
     unmasked kernel calls merged by their log-sum-exps: what one call over both with a mask gives, up to
     float rounding (each part is rounded to the model's dtype before the merge). That call costs ~25% more
-    on the CPU: the kernel converts the mask and reads it; here there is none. [1, H, n, D] -> [1, H, n, D]."""
-    if q.device.type != "cpu":  # CUDA without FlashAttention's varlen kernel
+    on the CPU: the kernel converts the mask and reads it; here there is none. On CUDA (without the varlen
+    kernel) the same with FlashAttention's kernel when `cuda_flash` (checked at start: `flash_chunks_work`),
+    else the masked call (`_masked_chunk`). [1, H, n, D] -> [1, H, n, D]."""
+    if q.device.type == "cpu":
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    elif cuda_flash:
+        flash = torch.ops.aten._scaled_dot_product_flash_attention
+    else:
         return _masked_chunk(q, k_before, v_before, k_own, v_own, scaling, gqa)
-    if gqa:  # the CPU kernel behind SDPA takes as many key heads as query heads
+    if gqa:  # these kernels take as many key heads as query heads
         groups = q.shape[1] // k_own.shape[1]
         k_before, v_before, k_own, v_own = (t.repeat_interleave(groups, 1) for t in (k_before, v_before, k_own, v_own))
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    o1, lse1 = flash(q, k_before, v_before, 0.0, False, scale=scaling)  # o [1, H, n, D], lse [1, H, n] float32
-    o2, lse2 = flash(q, k_own, v_own, 0.0, True, scale=scaling)
+    o1, lse1 = flash(q, k_before, v_before, 0.0, False, scale=scaling)[:2]  # o [1, H, n, D], lse [1, H, n] f32
+    o2, lse2 = flash(q, k_own, v_own, 0.0, True, scale=scaling)[:2]
     w1 = torch.sigmoid(lse1 - lse2).unsqueeze(-1)  # exp(lse1) / (exp(lse1) + exp(lse2))
     return torch.lerp(o2.float(), o1.float(), w1).to(q.dtype)
 
@@ -435,6 +443,31 @@ def install(model: torch.nn.Module) -> None:
         config = getattr(module, "config", None)
         if config is not None and config is not model.config and hasattr(config, "_attn_implementation"):
             config._attn_implementation = ATTENTION
+
+
+def flash_chunks_work(device, dtype, kv_heads: int, heads: int, head_dim: int) -> bool:
+    """Whether FlashAttention's own kernel (with its log-sum-exp) runs here and its two-call chunk
+    attention agrees with the masked call; else prompt chunks keep the masked call."""
+    if torch.device(device).type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        before, n, gqa = 37, 7, heads != kv_heads
+        q = torch.randn((1, heads, n, head_dim), generator=gen, device=device, dtype=dtype)
+        shape = (1, kv_heads, before + n, head_dim)
+        k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in "kv")
+        parts = (k[:, :, :before], v[:, :, :before], k[:, :, before:], v[:, :, before:])
+        fast = _two_part(q, *parts, head_dim**-0.5, gqa, cuda_flash=True)
+        slow = _masked_chunk(q, *parts, head_dim**-0.5, gqa)
+        agree = torch.allclose(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
+    except Exception as exc:  # the kernel refused: say why, keep the masked call
+        logger.warning("FlashAttention's kernel is unusable for prompt chunks here (%s): one masked call", exc)
+        return False
+    if not agree:
+        logger.warning("FlashAttention's two-call chunk attention disagrees with the masked call: one masked call")
+    return agree
 
 
 def varlen_works(device, dtype, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:

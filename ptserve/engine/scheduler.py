@@ -248,6 +248,9 @@ class Engine:
         if self.use_varlen:
             heads = cfg.num_attention_heads
             self.use_varlen = paged.varlen_works(self.device, self.kv_dtype, block_size, kv_heads, heads, head_dim)
+        if self.device.type == "cuda" and not self.use_varlen:
+            heads = cfg.num_attention_heads
+            self.pool.flash_chunks = paged.flash_chunks_work(self.device, self.kv_dtype, kv_heads, heads, head_dim)
         paged.install(model)
         self._no_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         # Passes of decoding rows only, at bucketed shapes, compiled once per bucket (CUDA graphs on CUDA).
