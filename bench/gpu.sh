@@ -4,7 +4,7 @@
 #     BUDGET_S=540 bash bench/gpu.sh        # the steps below in this order, as many as BUDGET_S seconds allow
 #     STEPS="none 4bit" bash bench/gpu.sh   # some of them (a later call on the same warm machine)
 # Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share; 540 s hold
-# the engine steps and the tests: the rest need a call of their own, STEPS="none 4bit compiled ..."):
+# the engine steps and most of the tests: the rest need a call of their own, STEPS="none 4bit ..."):
 #     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
 #               rows' grouping for SDPA, prefill chunks, the engine loop's phases, the compiled decode)
 #     engine-compiled  the engine's loop with the compiled decode (CUDA graphs) at ENGINE_COMPILED rows
@@ -93,7 +93,7 @@ for step in ${STEPS:-engine engine-compiled tests none 4bit compiled multiturn 8
         tests) run tests 180 "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py" ;;
         none | 4bit | 8bit) run "$step" 200 "$serve --levels ${LEVELS:-1,16,64} --quantization $step \
             --out $dest/gpu-$card-$step.json" ;;
-        compiled) run compiled 180 "TORCH_LOGS=perf_hints,recompiles,+torch._inductor.cudagraph_trees PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \
+        compiled) run compiled 180 "TORCH_LOGS=$logs_compile PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \
             --quantization none --out $dest/gpu-$card-compiled.json" ;;
         multiturn) run multiturn 150 "python3 bench/multiturn.py --shape $shape --servers ptserve,ptserve-nocache \
             --out $dest/gpu-$card-multiturn.json" ;;

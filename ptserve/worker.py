@@ -92,7 +92,7 @@ class Worker:
                 vocab_limit=len(loaded.tokenizer),
                 prefix_caching=server.prefix_caching,
                 compile_decode=server.compile_decode,
-                prefill_chunk=loader.prefill_chunk_tokens(config, loaded.device),
+                prefill_chunk=server.prefill_chunk_tokens,  # None: the engine's choice for its device
             )
             return loaded, engine
 

@@ -782,24 +782,24 @@ def test_the_worker_hands_its_engine_the_server_settings(tiny_model_dir):
         worker.engine.shutdown()
 
 
-def test_prompt_chunks_by_device_unless_configured(monkeypatch):
+def test_prompt_chunks_by_device_unless_configured(monkeypatch, tiny_model_dir):
     """server.prefill_chunk_tokens null: 512 on the CPU; on a GPU vLLM's API-server defaults, 8192 with
-    70 GiB or more (an A100 excepted; and with the paged varlen kernel, whose absence means masked chunks)
-    and 2048 below; a configured value wins everywhere."""
+    70 GiB or more (an A100 excepted) where chunks attend without a mask (the varlen kernel, or two
+    FlashAttention calls, as the engine found at start), else 2048; a configured value wins."""
     from types import SimpleNamespace
 
-    from ptserve.config import load_config
-    from ptserve.engine import loader, scheduler
+    from transformers import AutoModelForCausalLM
 
-    auto = load_config(None, environ={})
+    from ptserve.engine import scheduler
+
     cuda = torch.device("cuda")
     cards = {"H100": (80 * 2**30, 8192), "A100": (80 * 2**30, 2048), "L4": (22 * 2**30, 2048)}
-    for varlen in (True, False):
-        monkeypatch.setattr(scheduler, "_has_varlen", lambda varlen=varlen: varlen)
+    for unmasked in (True, False):
         for name, (memory, want) in cards.items():
             props = SimpleNamespace(name=f"NVIDIA {name}", total_memory=memory)
             monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
-            assert loader.prefill_chunk_tokens(auto, cuda) == (want if varlen else 2048), name
-    assert loader.prefill_chunk_tokens(auto, torch.device("cpu")) == 512
-    fixed = load_config(None, environ={"PTSERVE_SERVER_PREFILL_CHUNK_TOKENS": "1024"})
-    assert loader.prefill_chunk_tokens(fixed, cuda) == loader.prefill_chunk_tokens(fixed, torch.device("cpu")) == 1024
+            assert scheduler.default_prefill_chunk(cuda, unmasked) == (want if unmasked else 2048), name
+    assert scheduler.default_prefill_chunk(torch.device("cpu"), True) == 512
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert Engine(model, 4096, kv_budget_bytes=1 << 24).prefill_chunk == 512
+    assert Engine(model, 4096, kv_budget_bytes=1 << 24, prefill_chunk=1024).prefill_chunk == 1024

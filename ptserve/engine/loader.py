@@ -123,28 +123,6 @@ def kv_cache_bytes(config: Config, device: torch.device) -> int:
     return int(CPU_KV_CACHE_GB * 1e9)
 
 
-CPU_PREFILL_CHUNK = 512  # measured on this project's CPUs (README, "The engine")
-GPU_PREFILL_CHUNK = 2048  # vLLM's API-server default (max_num_batched_tokens) ...
-BIG_GPU_PREFILL_CHUNK = 8192  # ... and on GPUs of 70 GiB or more other than the A100 (H100, H200, MI300X),
-# given FlashAttention's paged varlen kernel: without it a chunk after a long prefix attends through a mask
-# of [chunk, prefix + chunk] bools (8192 x 128k: 1 GiB a layer)
-
-
-def prefill_chunk_tokens(config: Config, device: torch.device) -> int:
-    """Prompt tokens per engine pass: server.prefill_chunk_tokens, or by the device. A GPU's passes are
-    launch-bound at these sizes (an H100's eager decoding pass took ~40 ms whether it held 1 row or 64), so
-    larger chunks finish prompts in fewer passes at little cost to the streams decoding beside them."""
-    if config.server.prefill_chunk_tokens is not None:
-        return config.server.prefill_chunk_tokens
-    if device.type != "cuda":
-        return CPU_PREFILL_CHUNK
-    from ptserve.engine.scheduler import _has_varlen
-
-    props = torch.cuda.get_device_properties(device)
-    big = props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower() and _has_varlen()
-    return BIG_GPU_PREFILL_CHUNK if big else GPU_PREFILL_CHUNK
-
-
 def load_model_config(config: Config):
     from transformers import AutoConfig
 

@@ -456,8 +456,8 @@ def flash_chunks_work(device, dtype, kv_heads: int, heads: int, head_dim: int) -
         gen = torch.Generator(device=device).manual_seed(0)
         before, n, gqa = 37, 7, heads != kv_heads
         q = torch.randn((1, heads, n, head_dim), generator=gen, device=device, dtype=dtype)
-        shape = (1, kv_heads, before + n, head_dim)
-        k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype) for _ in "kv")
+        shape = (before + n, kv_heads, head_dim)  # laid out as the pass has them: [L, kvh, D] seen as [1, kvh, L, D]
+        k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).transpose(0, 1)[None] for _ in "kv")
         parts = (k[:, :, :before], v[:, :, :before], k[:, :, before:], v[:, :, before:])
         fast = _two_part(q, *parts, head_dim**-0.5, gqa, cuda_flash=True)
         slow = _masked_chunk(q, *parts, head_dim**-0.5, gqa)

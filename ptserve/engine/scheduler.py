@@ -58,7 +58,16 @@ from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logp
 
 logger = logging.getLogger(__name__)
 
-PREFILL_CHUNK_TOKENS = 512  # prompt tokens per pass (decoding rows' tokens come on top): bounds a pass's time
+# Prompt tokens per pass (decoding rows' tokens come on top; server.prefill_chunk_tokens), by device when not
+# configured: on the CPU measured (README, "The engine"); on a GPU vLLM's API-server defaults
+# (max_num_batched_tokens): 8192 on GPUs of 70 GiB or more other than the A100 (H100, H200, MI300X), else 2048.
+# A GPU's passes are launch-bound at these sizes (an H100's eager decoding pass took ~40 ms whether it held 1
+# row or 64), so larger chunks finish prompts in fewer passes at little cost to the rows decoding beside
+# them. 8192 only where chunks after earlier tokens attend without a mask (the varlen kernel, or the two
+# FlashAttention calls): the masked call's mask is [chunk, prefix + chunk] bools (8192 x 128k: 1 GiB a layer).
+PREFILL_CHUNK_TOKENS = 512
+GPU_PREFILL_CHUNK = 2048
+BIG_GPU_PREFILL_CHUNK = 8192
 BLOCK_SIZE = 16  # token positions per KV block (FlashAttention's paged kernels want a multiple of 16)
 # An idle engine gives its passes' freed memory back (malloc_trim) once nothing has arrived for this long,
 # not at once: the next pass would fault all of it in again, ~50 ms of a chat turn's TTFT at Phi-3.5's
@@ -205,7 +214,7 @@ class Engine:
         max_queued: int = 256,
         max_seqs: int = 64,
         kv_budget_bytes: int | None = None,
-        prefill_chunk: int = PREFILL_CHUNK_TOKENS,
+        prefill_chunk: int | None = None,  # None: by device (PREFILL_CHUNK_TOKENS, GPU_PREFILL_CHUNK ...)
         grammars: GrammarBackend | None = None,
         vocab_limit: int | None = None,
         block_size: int = BLOCK_SIZE,
@@ -219,7 +228,6 @@ class Engine:
         self.max_context_length = max_context_length
         self.max_queued = max_queued
         self.max_seqs = max_seqs
-        self.prefill_chunk = prefill_chunk
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -251,6 +259,8 @@ class Engine:
         if self.device.type == "cuda" and not self.use_varlen:
             heads = cfg.num_attention_heads
             self.pool.flash_chunks = paged.flash_chunks_work(self.device, self.kv_dtype, kv_heads, heads, head_dim)
+        unmasked = self.use_varlen or self.pool.flash_chunks  # chunks after earlier tokens attend without a mask
+        self.prefill_chunk = prefill_chunk or default_prefill_chunk(self.device, unmasked)
         paged.install(model)
         self._no_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
         # Passes of decoding rows only, at bucketed shapes, compiled once per bucket (CUDA graphs on CUDA).
@@ -626,10 +636,6 @@ class Engine:
         tables = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
         device = self.device
-        if device.type == "cuda":
-            # a new step for CUDA graph trees, said outright (torch's advice for inference loops): the last
-            # pass's outputs are done with, so its graph's memory may be replayed over
-            torch.compiler.cudagraph_mark_step_begin()
         hidden = self._decode(
             torch.tensor([ids], device=device),
             torch.tensor([positions], device=device),
@@ -760,6 +766,15 @@ def _deliver(items) -> None:
     """On the readers' event loop: hand each stream its output."""
     for stream, token_id, finish_reason, logprob in items:
         stream._receive(token_id, finish_reason, logprob)
+
+
+def default_prefill_chunk(device: torch.device, unmasked_chunks: bool) -> int:
+    """Prompt tokens per pass when server.prefill_chunk_tokens is null (see PREFILL_CHUNK_TOKENS)."""
+    if device.type != "cuda":
+        return PREFILL_CHUNK_TOKENS
+    props = torch.cuda.get_device_properties(device)
+    big = props.total_memory >= 70 * 2**30 and "a100" not in props.name.lower()
+    return BIG_GPU_PREFILL_CHUNK if big and unmasked_chunks else GPU_PREFILL_CHUNK
 
 
 def _has_varlen() -> bool:
