@@ -33,12 +33,17 @@ def tiny_server(name: str, model: Path = TINY_MODEL, context: int = 4096):
         server.stop()
 
 
-def emit(report: dict, out: Path | None) -> None:
-    """Print the report, and write it to `out` when given."""
-    print(json.dumps(report, indent=2))
+def write_json(report: dict, out: Path | None) -> None:
+    """Write the report to `out` when given (folders made as needed)."""
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """Print the report, and write it to `out` when given."""
+    print(json.dumps(report, indent=2))
+    write_json(report, out)
 
 
 async def sse_lines(response):

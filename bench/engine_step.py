@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -40,27 +39,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import emit  # noqa: E402
+from bench.common import emit, write_json  # noqa: E402
 from bench.serve import SHAPES, machine  # noqa: E402
 from ptserve.engine import paged, rope  # noqa: E402
 from ptserve.engine.paged import PagedBatch  # noqa: E402
 from ptserve.engine.sampling import SamplingParams  # noqa: E402
 from ptserve.engine.scheduler import Engine  # noqa: E402
-from ptserve.tinymodel import TinyShape, model_config  # noqa: E402
+from ptserve.tinymodel import TinyShape, random_model  # noqa: E402
 
 
 def make_model(shape: str, device: torch.device):
-    from transformers import Phi3ForCausalLM
-
     from ptserve.engine.loader import cpu_has_fast_bf16
 
-    torch.manual_seed(0)
-    with torch.device(device):  # the server's `dtype: auto`
-        torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32)
-        try:
-            model = Phi3ForCausalLM(model_config(TinyShape(**SHAPES[shape]))).eval()
-        finally:
-            torch.set_default_dtype(torch.float32)
+    dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32  # `dtype: auto`
+    model = random_model(TinyShape(**SHAPES[shape]), device.type, dtype).eval()
     rope.pin_longrope(model, 4096)
     return model
 
@@ -190,7 +182,7 @@ def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, re
             runs[rows]["warm_up_s"] = round(time.perf_counter() - started, 1)
             runs[rows]["host_ms_per_pass"] = phases.report()
             print(f"engine {rows} rows{' compiled' if engine._decode else ''}: {runs[rows]}", flush=True)
-            save(report, args.out)
+            write_json(report, args.out)
     finally:
         engine.shutdown()
     return runs
@@ -236,13 +228,6 @@ def torch_counters() -> dict:
     from torch._dynamo.utils import counters
 
     return {group: dict(values) for group, values in counters.items() if values}
-
-
-def save(report: dict, out: Path | None) -> None:
-    """The report so far (a run cut short keeps what it measured)."""
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:
@@ -301,7 +286,7 @@ def main() -> None:
                 report.setdefault("profile", {})[rows] = prof = profile(engine, inputs, device)
                 print(f"profile {rows} rows: {prof}", flush=True)
             engine.blocks.release(owned)
-            save(report, args.out)
+            write_json(report, args.out)
     if "prefill" in parts:
         report["prefill"] = prefill = {}
         for chunk in ints(args.chunks):
@@ -310,7 +295,7 @@ def main() -> None:
                 for riders in (0, args.riders)
             }
             print(f"prefill {chunk} tokens: {prefill[chunk]}", flush=True)
-            save(report, args.out)
+            write_json(report, args.out)
     if "engine" in parts:
         report["engine"] = run_engine(engine, levels, args, gen, report)
     del engine
@@ -337,7 +322,7 @@ def main() -> None:
             runs[rows] = {"compile_s": round(compile_s, 1), "ms_per_pass": round(ms, 2)}
             print(f"compiled {rows} rows: {runs[rows]}", flush=True)
             engine.blocks.release(owned)
-            save(report, args.out)
+            write_json(report, args.out)
         runs["torch_counters"] = torch_counters()
     emit(report, args.out)
 

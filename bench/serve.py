@@ -39,7 +39,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import OUT, sse_lines  # noqa: E402
+from bench.common import OUT, sse_lines, write_json  # noqa: E402
 
 SHAPES = {
     # The CPU benchmark's model: 58.5M parameters (25.7M in the layers).
@@ -388,9 +388,7 @@ def main() -> None:
     def saver(name: str):
         def save(rows: list[dict]) -> None:
             results[name] = rows
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(results, args.out)
 
         return save
 
@@ -428,9 +426,7 @@ def main() -> None:
             peer = Server(name, [*cmd, "--port", str(port)], port)
             bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts, saver(name))
             print_ratios(results["ptserve"], results[name], f"transformers serve --dtype {dtype}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

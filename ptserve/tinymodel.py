@@ -90,28 +90,38 @@ def model_config(shape: TinyShape):
     return Phi3Config(**data, rope_parameters=rope, architectures=["Phi3ForCausalLM"])
 
 
+def random_model(shape: TinyShape, device: str = "cpu", dtype=None):
+    """A random-weight Phi-3.5 of `shape` in `dtype` (bf16 by default), seeded by the shape. On the CPU it
+    is initialized in float32 and cast; elsewhere made in `dtype` right on `device`, which is much faster
+    for a model of real size."""
+    import torch
+    from transformers import Phi3ForCausalLM
+
+    dtype = dtype or torch.bfloat16
+    config = model_config(shape)
+    torch.manual_seed(shape.seed)
+    if device == "cpu":
+        return Phi3ForCausalLM(config).to(dtype)
+    with torch.device(device):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return Phi3ForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
+
+
 def build(path: str | Path, shape: TinyShape = TinyShape(), device: str = "cpu") -> Path:
     """Write a random-weight Phi-3.5 of `shape` and Phi-3.5's tokenizer files to `path`; return the path.
     A model of real size (bench/serve.py --shape phi35) is initialized on `device` ("cuda" there) in bf16,
     which is much faster."""
-    import torch
-    from transformers import GenerationConfig, Phi3ForCausalLM
+    from transformers import GenerationConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         shutil.copyfile(PHI35_DIR / name, path / name)
-    config = model_config(shape)
-    torch.manual_seed(shape.seed)
-    if device == "cpu":
-        model = Phi3ForCausalLM(config).to(torch.bfloat16)
-    else:
-        with torch.device(device):
-            torch.set_default_dtype(torch.bfloat16)
-            try:
-                model = Phi3ForCausalLM(config)
-            finally:
-                torch.set_default_dtype(torch.float32)
+    model = random_model(shape, device)
     generation = json.loads((PHI35_DIR / "generation_config.json").read_text())
     generation.pop("_from_model_config", None)
     generation.pop("transformers_version", None)

@@ -239,13 +239,14 @@ class PagedBatch:
         is compiled). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
         with the new one."""
         batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
-        batch.groups = _groups(slots.device, [tables.shape[1]] * tables.shape[0], pool.block_size)  # from shapes
         if use_varlen:
             rows = tables.shape[0]
             batch.cu_seq_q = torch.arange(rows + 1, dtype=torch.int32, device=slots.device)
             batch.seqused_k = lens.to(torch.int32)
             batch.block_table = tables.to(torch.int32)
             batch.max_q, batch.max_k = 1, tables.shape[1] * pool.block_size
+        else:  # the gather + SDPA calls, from shapes only
+            batch.groups = _groups(slots.device, [tables.shape[1]] * tables.shape[0], pool.block_size)
         return batch
 
 

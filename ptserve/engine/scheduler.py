@@ -253,11 +253,10 @@ class Engine:
         self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
         half = self.kv_dtype in (torch.float16, torch.bfloat16)  # FlashAttention computes in 16 bits only
         self.use_varlen = self.device.type == "cuda" and half and _has_varlen()
+        heads = cfg.num_attention_heads
         if self.use_varlen:
-            heads = cfg.num_attention_heads
             self.use_varlen = paged.varlen_works(self.device, self.kv_dtype, block_size, kv_heads, heads, head_dim)
         if self.device.type == "cuda" and not self.use_varlen:
-            heads = cfg.num_attention_heads
             self.pool.flash_chunks = paged.flash_chunks_work(self.device, self.kv_dtype, kv_heads, heads, head_dim)
         unmasked = self.use_varlen or self.pool.flash_chunks  # chunks after earlier tokens attend without a mask
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(self.device, unmasked)
