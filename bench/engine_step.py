@@ -17,7 +17,10 @@ For each number of rows B (--levels):
   TORCH_LOGS=perf_hints,recompiles,+torch._inductor.cudagraph_trees says why graphs are skipped, shapes
   recompiled or graphs re-recorded;
 - `engine-compiled` (--engine-compiled B,...): the `engine` measurement with server.compile_decode, the
-  compiled decode called from the engine's thread as in the server.
+  compiled decode called from the engine's thread as in the server;
+- `graphs` (--graphs B,...): decoding passes replayed from CUDA graphs (server.cuda_graphs, graphs.py) at B
+  rows of --context tokens: the capture's time, ms a pass (inputs packed and copied in, the replay), then the
+  `engine` measurement with them (on a CPU: the same static buffers run eagerly).
 --parts picks them. torch 2.11's CUDA graph trees keep their state per thread and assert when a second
 thread uses them (2.13 sets each thread up): run `compiled` and `engine-compiled` in separate processes there.
 
@@ -144,7 +147,7 @@ async def generate(engine: Engine, rows: int, prompt: int, tokens: int, gen: tor
     return {"tok_per_s": round(total / wall, 1), "itl_p50_ms": round(1000 * statistics.median(itl), 2)}
 
 
-PARTS = ("forward", "profile", "prefill", "engine", "compiled", "engine-compiled")
+PARTS = ("forward", "profile", "prefill", "engine", "compiled", "engine-compiled", "graphs")
 
 
 def prefill_pass(engine: Engine, chunk: int, riders: int, args, gen: torch.Generator, device) -> float:
@@ -181,7 +184,7 @@ def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, re
                 runs[rows] = asyncio.run(generate(engine, rows, args.prompt, args.tokens, gen))
             runs[rows]["warm_up_s"] = round(time.perf_counter() - started, 1)
             runs[rows]["host_ms_per_pass"] = phases.report()
-            print(f"engine {rows} rows{' compiled' if engine._decode else ''}: {runs[rows]}", flush=True)
+            print(f"engine {rows} rows, decoding passes {engine.decode_mode}: {runs[rows]}", flush=True)
             write_json(report, args.out)
     finally:
         engine.shutdown()
@@ -244,6 +247,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="512,1024,2048,4096")
     parser.add_argument("--riders", type=int, default=63)
     parser.add_argument("--engine-compiled", default="1,16,64")
+    parser.add_argument("--graphs", default="1,16,64")
     parser.add_argument("--parts", default="forward,profile,prefill,engine,compiled", help="of " + ",".join(PARTS))
     parser.add_argument("--kv-gb", type=float, default=16.0)
     parser.add_argument("--out", type=Path)
@@ -324,7 +328,34 @@ def main() -> None:
             engine.blocks.release(owned)
             write_json(report, args.out)
         runs["torch_counters"] = torch_counters()
+        del engine
+    if "graphs" in parts:
+        report["graphs"] = replay_graphs(model, ints(args.graphs), budget, args, gen, report)
     emit(report, args.out)
+
+
+def replay_graphs(model, levels: list[int], budget: int, args, gen: torch.Generator, report: dict) -> dict:
+    engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True)
+    runs: dict = {"decode_mode": engine.decode_mode}
+    print(f"graphs: decoding passes {engine.decode_mode}", flush=True)
+    if engine._graphs is None:  # the start-up check said why (logged)
+        return runs
+    for rows in levels:
+        inputs, owned = decode_inputs(engine, rows, args.context, gen)
+        ids, positions, slots, tables, lens = (t.tolist() for t in inputs)
+        args_ = (ids[0], positions[0], slots, lens, tables)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            engine._graphs(*args_)  # the capture
+        sync(engine.device)
+        capture_s = time.perf_counter() - t0
+        ms = time_passes(engine._graphs, args_, args.passes, engine.device)
+        runs[rows] = {"capture_s": round(capture_s, 2), "ms_per_pass": round(ms, 2)}
+        print(f"graphs {rows} rows: {runs[rows]}", flush=True)
+        engine.blocks.release(owned)
+        write_json(report, args.out)
+    runs["engine"] = run_engine(engine, levels, args, gen, report)
+    return runs
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 #     BUDGET_S=540 bash bench/gpu.sh        # the steps below in this order, as many as BUDGET_S seconds allow
 #     STEPS="none 4bit" bash bench/gpu.sh   # some of them (a later call on the same warm machine)
 # Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share; 540 s hold
-# the engine steps and most of the tests: the rest need a call of their own, STEPS="none 4bit ..."):
+# graphs, none, tests and engine: the rest need a call of their own, STEPS="4bit eager ..."):
+#     graphs    bench/engine_step.py --parts graphs: decoding passes replayed from CUDA graphs (the server's
+#               default), their capture and pass times at 1/16/64 rows, then the engine's loop with them
 #     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
 #               rows' grouping for SDPA, prefill chunks, the engine loop's phases, the compiled decode)
 #     engine-compiled  the engine's loop with the compiled decode (CUDA graphs) at ENGINE_COMPILED rows
@@ -12,6 +14,7 @@
 #     tests     the `gpu`-marked tests (tests/test_gpu.py: the varlen kernel, CUDA graphs)
 #     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
+#     eager     the same with server.cuda_graphs off (eager decoding passes)
 #     4bit      the same, bitsandbytes-quantized at load (8bit likewise, last)
 #     compiled  the same as none with server.compile_decode (torch.compile, CUDA graphs) at COMPILED_LEVELS
 #     multiturn bench/multiturn.py on the same model, ptserve with and without its prefix cache
@@ -73,7 +76,7 @@ run() {
     pids=$(leftovers)
     [ -n "$pids" ] && { kill -9 $pids 2>/dev/null; sleep 3; }
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s"
-    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|profile|model) |cudagraph' $logs/$name.log | cut -c1-1500 | tail -24
+    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|graphs|profile|model) |cudagraph|CUDA graph|stay eager' $logs/$name.log | cut -c1-1500 | tail -24
     for f in bench/out/ptserve*.log bench/out/multiturn-*.log; do
         [ -f "$f" ] || continue
         cp "$f" "$logs/$name-${f##*/}"
@@ -83,16 +86,20 @@ run() {
 }
 
 logs_compile=perf_hints,recompiles,+torch._inductor.cudagraph_trees  # why graphs are skipped or re-recorded
-for step in ${STEPS:-engine engine-compiled tests none 4bit compiled multiturn 8bit}; do
+for step in ${STEPS:-graphs none tests engine 4bit eager multiturn engine-compiled compiled 8bit}; do
     case $step in
+        graphs) run graphs 120 "python3 bench/engine_step.py --shape $shape --parts graphs \
+            --out $dest/gpu-$card-graphs.json" ;;
         engine) run engine 150 "TORCH_LOGS=$logs_compile python3 bench/engine_step.py --shape $shape \
             --out $dest/gpu-$card-engine.json" ;;
         engine-compiled) run engine-compiled 200 "TORCH_LOGS=$logs_compile python3 bench/engine_step.py \
             --shape $shape --parts engine-compiled --engine-compiled ${ENGINE_COMPILED:-1,16} \
             --out $dest/gpu-$card-engine-compiled.json" ;;
-        tests) run tests 180 "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py" ;;
+        tests) run tests 150 "python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py" ;;
         none | 4bit | 8bit) run "$step" 200 "$serve --levels ${LEVELS:-1,16,64} --quantization $step \
             --out $dest/gpu-$card-$step.json" ;;
+        eager) run eager 200 "PTSERVE_SERVER_CUDA_GRAPHS=false $serve --levels ${LEVELS:-1,16,64} \
+            --quantization none --out $dest/gpu-$card-eager.json" ;;
         compiled) run compiled 180 "TORCH_LOGS=$logs_compile PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \
             --quantization none --out $dest/gpu-$card-compiled.json" ;;
         multiturn) run multiturn 150 "python3 bench/multiturn.py --shape $shape --servers ptserve,ptserve-nocache \

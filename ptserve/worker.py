@@ -92,6 +92,7 @@ class Worker:
                 vocab_limit=len(loaded.tokenizer),
                 prefix_caching=server.prefix_caching,
                 compile_decode=server.compile_decode,
+                decode_graphs=server.cuda_graphs and loaded.device.type == "cuda",
                 prefill_chunk=server.prefill_chunk_tokens,  # None: the engine's choice for its device
             )
             return loaded, engine
@@ -102,7 +103,7 @@ class Worker:
         self.eos_token_ids = tuple(loaded.eos_token_ids)
         logger.info(
             "engine %s: %d sequences at once, prompts in chunks of %d tokens, KV pool of %d blocks x %d tokens "
-            "(%.2f GB), prefix caching %s",
+            "(%.2f GB), prefix caching %s, decoding passes %s",
             self.name,
             server.max_concurrent_sequences,
             self.engine.prefill_chunk,
@@ -110,6 +111,7 @@ class Worker:
             self.engine.block_size,
             self.engine.pool.nbytes / 1e9,
             "on" if server.prefix_caching else "off",
+            self.engine.decode_mode,
         )
         self.streams: dict[str, list] = {}
         self.cancelled: set[str] = set()  # the shared dict's keys as of the last poll (read on the event loop)

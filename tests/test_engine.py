@@ -710,6 +710,70 @@ def test_compiled_decode_updates_the_pool_in_place(sharp_compilable):
         assert store[engine._scratch, 0].any()  # the padded row's keys went there
 
 
+def test_graph_decode_answers_as_the_eager_engine(sharp):
+    """Decoding passes from static buffers (a CUDA graph's on CUDA; here the same buffers run eagerly, the
+    output buffer overwritten by every pass as a graph's is): the same tokens and log-probabilities as
+    the eager engine while rows leave and the buckets of rows and blocks change."""
+    ids = prompts(20, 27, 35)
+    jobs = [(p, greedy(n, logprobs=0)) for p, n in zip(ids, (24, 12, 40), strict=True)]  # rows leave early
+    answers, buckets = {}, None
+    for graphs in (False, True):
+        engine = Engine(sharp, 4096, decode_graphs=graphs).start()
+        try:
+            answers[graphs] = [r[:3] for r in run(engine, jobs)]
+            if graphs:
+                buckets = sorted(engine._graphs.buckets)
+        finally:
+            engine.shutdown()
+    assert answers[True] == [(t, pytest.approx(lp, abs=ATOL), f) for t, lp, f in answers[False]]
+    # (rows, blocks): (1, 1) the start-up check's; 3 rows of up to 4 blocks, 2 (27 + 12 tokens), 1 past 64
+    assert buckets == [(1, 1), (1, 4), (1, 8), (2, 4), (4, 4)]
+
+
+def test_the_decoding_pass_holds_nothing_a_cuda_graph_cannot(sharp):
+    """No operation of the decoding pass waits for the device or copies host data (a CUDA graph cannot
+    hold those), as transformers' Phi-3 code runs it eagerly with LongRoPE pinned; the check itself finds
+    each kind."""
+    from ptserve.engine.graphs import host_syncs
+
+    engine = Engine(sharp, 4096, decode_graphs=True)
+    assert engine._graphs is not None  # the start-up check passed
+    tables = torch.tensor([[b, NULL_BLOCK] for b in engine.blocks.allocate(4)])  # 4 rows, 2 blocks each
+    lens = torch.tensor([3, 16, 1, 9])
+    args = (torch.tensor([[5, 6, 7, 8]]), (lens - 1).unsqueeze(0), tables[:, 0] * BS + lens - 1, tables, lens)
+    with torch.inference_mode():
+        assert host_syncs(engine._decode_step, *args) == []
+    counts = torch.tensor([1, 2, 1, 0])
+    for inference in (False, True):  # (the engine runs its passes under inference mode)
+        with torch.inference_mode(inference):
+            t = torch.arange(4.0)
+            assert host_syncs(lambda x: x.sum().item(), t) == ["item"]
+            assert host_syncs(lambda x: int(x.sum()), t) == ["item"]
+            assert host_syncs(lambda x: x[x > 1], t) == ["index by a boolean mask"]
+            assert host_syncs(lambda x: x.nonzero(), t) == ["nonzero"]
+            assert host_syncs(torch.repeat_interleave, t, counts) == ["repeat_interleave"]
+            assert host_syncs(lambda x: x.to("meta"), t) == ["to cpu->meta"]  # the host's data to another device
+            assert host_syncs(lambda x: x.repeat_interleave(2), t) == []
+
+
+def test_a_pass_that_waits_for_the_device_stays_eager(sharp, monkeypatch, caplog):
+    """Were the decoding pass to read a value back (here its lengths' maximum), the start-up check keeps
+    passes eager and says why; the engine serves as before."""
+    from ptserve.engine import paged
+
+    length_mask = paged._length_mask
+    monkeypatch.setattr(paged, "_length_mask", lambda lens, width: length_mask(lens, max(width, int(lens.max()))))
+    engine = Engine(sharp, 4096, decode_graphs=True)
+    assert engine._graphs is None
+    assert "decoding passes stay eager: a graph cannot hold their item" in caplog.text
+    engine.start()
+    try:
+        [(tokens, _, finish, _)] = run(engine, [(prompts(20)[0], greedy(3))])
+    finally:
+        engine.shutdown()
+    assert (len(tokens), finish) == (3, "length")
+
+
 def test_in_place_reading_needs_as_many_key_heads_as_threads(monkeypatch):
     """A row read alone gives the CPU kernel one work item per key head: with more threads than that (a
     many-core host, grouped-query heads) decoding rows stay grouped."""

@@ -1,8 +1,9 @@
 """GPU only (marked `gpu`, skipped without CUDA; bench/gpu.sh runs them with the benchmark): the paths the
 CPU never takes. FlashAttention's variable-length kernel reading the KV pool through block tables gives
 what the CPU path (gathered blocks, SDPA) gives, for decoding rows, prompt chunks and cached prefixes in
-one pass; the engine answers the same either way; the compiled decoding pass (CUDA graphs) equals the
-eager one and never recompiles once its buckets are warm."""
+one pass; the engine answers the same either way; decoding passes replayed from CUDA graphs equal eager
+ones; the compiled decoding pass (torch.compile's CUDA graphs) equals the eager one and never recompiles
+once its buckets are warm."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncio
 import pytest
 import torch
 
-from ptserve.engine import paged
+from ptserve.engine import paged, rope
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, _has_varlen
 from ptserve.tinymodel import TinyShape, build
@@ -34,6 +35,7 @@ def cuda_model(tmp_path_factory):
     # head size 96, as Phi-3.5-mini's: FlashAttention's kernels are picked by head size
     path = build(tmp_path_factory.mktemp("gpu-tiny"), TinyShape(hidden=384, heads=4, intermediate=512))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    rope.pin_longrope(model, 4096)  # as the server loads it
     paged.install(model)
     return model
 
@@ -117,6 +119,65 @@ def test_engine_answers_alike_with_the_varlen_kernel_and_with_cuda_graphs(cuda_m
             same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens, strict=True)) if x != y), len(tokens))
             assert same >= len(tokens) // 2
             assert logprobs[:same] == pytest.approx(ref_logprobs[:same], abs=0.1)
+
+
+def test_cuda_graphs_answer_as_eager_passes(cuda_model):
+    """The engine with its decoding passes replayed from CUDA graphs (the server's default on a GPU), on
+    this torch's attention path, answers as with eager passes while rows leave and buckets change."""
+    gen = torch.Generator().manual_seed(1)
+    jobs = [
+        (torch.randint(100, 30000, (n,), generator=gen).tolist(), SamplingParams(m, temperature=0.0, logprobs=0))
+        for n, m in ((20, 24), (45, 12), (70, 30))
+    ]
+    answers = []
+    for graphs in (False, True):
+        engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, decode_graphs=graphs)
+        assert engine.decode_mode == ("from CUDA graphs" if graphs else "eager")
+        engine.start()
+        try:
+            answers.append(run(engine, jobs))
+        finally:
+            engine.shutdown()
+    assert len(engine._graphs.buckets) >= 4  # the start-up check's, then 3, 2 and 1 rows
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(answers[1], answers[0], strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens, strict=True)) if x != y), len(tokens))
+        assert same >= len(tokens) // 2  # bf16, other shapes (padded): a near tie may flip a token
+        assert logprobs[:same] == pytest.approx(ref_logprobs[:same], abs=0.1)
+
+
+def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):
+    """60 passes of other tokens, positions, block tables and lengths, switching buckets: each bucket's
+    graph is captured once, and every replay equals the eager pass on the same inputs."""
+    engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, decode_graphs=True)
+    gen = torch.Generator().manual_seed(2)
+    owned = engine.blocks.allocate(32)  # read by any row
+    last = engine.blocks.allocate(64)  # the block each row writes its token to: its own
+    cuda_gen = torch.Generator("cuda").manual_seed(0)
+    for t in engine.pool.keys + engine.pool.values:
+        t.normal_(generator=cuda_gen)  # any finite keys and values
+
+    def inputs(rows: int, width: int):
+        lens = torch.randint(1, width * 16 + 1, (rows,), generator=gen)
+        tables = torch.zeros((rows, width), dtype=torch.long)
+        for r, n in enumerate(lens.tolist()):
+            picked = torch.randperm(len(owned), generator=gen)[: -(-n // 16)]
+            tables[r, : len(picked)] = torch.tensor(owned)[picked]
+            tables[r, len(picked) - 1] = last[r]
+        positions = lens - 1
+        slots = tables.gather(1, (positions // 16).unsqueeze(1)).squeeze(1) * 16 + positions % 16
+        ids = torch.randint(100, 30000, (rows,), generator=gen)
+        return ids, positions, slots, lens, tables
+
+    buckets = [(4, 2), (1, 4), (8, 2), (64, 8)]
+    with torch.inference_mode():
+        for step in range(60):
+            ids, positions, slots, lens, tables = inputs(*buckets[step % len(buckets)])
+            replayed = engine._graphs(ids.tolist(), positions.tolist(), slots.tolist(), lens.tolist(), tables.tolist())
+            replayed = replayed.float()  # (read before the next call overwrites it)
+            args = [t.to("cuda") for t in (ids.unsqueeze(0), positions.unsqueeze(0), slots, tables, lens)]
+            eager = engine._decode_step(*args).float()
+            torch.testing.assert_close(replayed, eager, atol=ATOL, rtol=ATOL)
+    assert sorted(engine._graphs.buckets) == sorted([(1, 1), *buckets])  # (1, 1): the start-up check's
 
 
 @pytest.mark.skipif(

@@ -52,6 +52,7 @@ import torch
 from ptserve.engine import paged
 from ptserve.engine.blocks import NULL_BLOCK, ROOT_KEY, BlockManager, block_keys
 from ptserve.engine.grammar import GrammarBackend
+from ptserve.engine.graphs import DecodeGraphs, host_syncs
 from ptserve.engine.hostmem import keep_freed_memory, release_host_memory
 from ptserve.engine.paged import KVPool, PagedBatch
 from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, next_tokens
@@ -220,6 +221,7 @@ class Engine:
         block_size: int = BLOCK_SIZE,
         prefix_caching: bool = True,
         compile_decode: bool = False,
+        decode_graphs: bool = False,
     ):
         self.model = model
         self.grammars = grammars
@@ -238,17 +240,18 @@ class Engine:
         layers = cfg.num_hidden_layers
         self.bytes_per_block = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, self.kv_dtype)
         # The pool: the budget in whole blocks (no more than every sequence at full context needs, plus the
-        # null block and the compiled decode's scratch block).
-        most = max_seqs * -(-max_context_length // block_size) + 1 + int(compile_decode)
+        # null block and the scratch block of padded decoding passes).
+        padded = compile_decode or decode_graphs  # decoding passes at bucketed shapes
+        most = max_seqs * -(-max_context_length // block_size) + 1 + int(padded)
         budget = kv_budget_bytes if kv_budget_bytes is not None else DEFAULT_KV_BYTES
         num_blocks = min(most, budget // self.bytes_per_block)
         keep_freed_memory()  # a pass's megabyte-sized temporaries reuse the heap, not fresh pages
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, self.kv_dtype, self.device)
-        # what the padded rows of a compiled decode's bucket write and read: were it the null block,
+        # what the padded rows of a bucketed decoding pass write and read: were it the null block,
         # re-zeroing that inside the compiled step would make inductor copy every layer's whole pool
-        self._scratch = self.blocks.reserve() if compile_decode else NULL_BLOCK
-        self.pool.zero([self._scratch] if compile_decode else [])
+        self._scratch = self.blocks.reserve() if padded else NULL_BLOCK
+        self.pool.zero([self._scratch] if padded else [])
         self.kv_budget_tokens = self.blocks.usable * block_size
         self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
         half = self.kv_dtype in (torch.float16, torch.bfloat16)  # FlashAttention computes in 16 bits only
@@ -273,6 +276,8 @@ class Engine:
             self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode)
         self.vocab_size = cfg.vocab_size
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        # or replayed from CUDA graphs captured per bucket (graphs.py; on the CPU, the tests: static buffers)
+        self._graphs = self._start_graphs() if decode_graphs and not compile_decode else None
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
         self._held: deque[GenerationStream | _Row] = deque()  # taken off the queue, not yet admitted
         self._preempted: list[_Row] = []  # rows sent back to wait (their blocks freed), by admission order
@@ -340,6 +345,16 @@ class Engine:
     @property
     def running(self) -> int:
         return len(self._rows)
+
+    @property
+    def decode_mode(self) -> str:
+        """How decoding passes run: "compiled", "from CUDA graphs", "from static buffers" (graphs' on the
+        CPU) or "eager"."""
+        if self._decode is not None:
+            return "compiled"
+        if self._graphs is not None:
+            return "from CUDA graphs" if self._graphs.capture else "from static buffers"
+        return "eager"
 
     @property
     def kv_reserved_tokens(self) -> int:
@@ -593,8 +608,10 @@ class Engine:
             return None, exc
 
     def _pass(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
-        if self._decode is not None and all(r.decoding and n == 1 for r, n in plan):
-            return self._bucketed_decode(plan)
+        if (self._decode or self._graphs) is not None and all(r.decoding and n == 1 for r, n in plan):
+            hidden = self._bucketed_decode(plan)
+            if hidden is not None:
+                return hidden
         ids, positions = [], []
         for row, n in plan:
             ids += row.tokens[row.computed : row.computed + n]
@@ -619,14 +636,17 @@ class Engine:
         )
         return out.last_hidden_state
 
-    def _bucketed_decode(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
+    def _bucketed_decode(self, plan: list[tuple[_Row, int]]) -> torch.Tensor | None:
         """A pass of decoding rows padded to a bucket of rows and of blocks per row (powers of two), so the
-        compiled step sees a few fixed shapes: padded rows write to the scratch block and read that one
-        token (what they compute is dropped; real rows never read past their own length nor the scratch
-        block)."""
+        compiled step or the graphs see a few fixed shapes: padded rows write to the scratch block and read
+        that one token (what they compute is dropped; real rows never read past their own length nor the
+        scratch block). None (an eager pass instead) where a GPU would gather more than
+        paged.GPU_GATHER_TOKENS a layer for it: every row of a bucket reads its width."""
         bs, rows = self.block_size, len(plan)
         width = _bucket(max(r.computed // bs + 1 for r, _ in plan))
         size = _bucket(rows)
+        if self.device.type == "cuda" and not self.use_varlen and size * width * bs > paged.GPU_GATHER_TOKENS:
+            return None
         ids = [r.tokens[r.computed] for r, _ in plan] + [0] * (size - rows)
         positions = [r.computed for r, _ in plan] + [0] * (size - rows)
         pad = size - rows
@@ -634,6 +654,9 @@ class Engine:
         tables = [r.blocks[: r.computed // bs + 1] for r, _ in plan] + [[self._scratch]] * pad
         tables = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
+        if self._graphs is not None:
+            hidden = self._graphs(ids, positions, slots, lens, tables)
+            return None if hidden is None else hidden[:rows]
         device = self.device
         hidden = self._decode(
             torch.tensor([ids], device=device),
@@ -649,6 +672,33 @@ class Engine:
         slots, [B, W] block tables, [B] lengths -> hidden states [B, H]."""
         batch = PagedBatch.decode(self.pool, slots, tables, lens, self.use_varlen)
         return self._hidden(batch, input_ids, position_ids)[0]
+
+    def _start_graphs(self) -> DecodeGraphs | None:
+        """Decoding passes from static buffers (CUDA graphs on CUDA), once a pass of one padded row (it writes
+        and reads the scratch block only) is found to hold no host sync and its replay equals the eager
+        pass; else None (eager passes), with a warning saying why."""
+        graphs = DecodeGraphs(self._decode_step, self.device, capture=self.device.type == "cuda")
+        ids, positions, slots, lens, tables = [0], [0], [self._scratch * self.block_size], [1], [[self._scratch]]
+        try:
+            with torch.inference_mode():
+                args = [torch.tensor(x, device=self.device) for x in ([ids], [positions], slots, tables, lens)]
+                syncs = host_syncs(self._decode_step, *args)
+                if syncs:
+                    found = ", ".join(sorted(set(syncs)))
+                    logger.warning("decoding passes stay eager: a graph cannot hold their %s", found)
+                    return None
+                eager = self._decode_step(*args).float()
+                replayed = graphs(ids, positions, slots, lens, tables)
+                if replayed is None:  # the capture failed (DecodeGraphs said why)
+                    return None
+                agree = torch.allclose(replayed.float(), eager, atol=2e-2, rtol=2e-2)
+        except Exception as exc:
+            logger.warning("decoding passes stay eager: their graph failed (%s)", _describe(exc))
+            return None
+        if not agree:
+            logger.warning("decoding passes stay eager: the graph's replay differs from the eager pass")
+            return None
+        return graphs
 
     def _advance(self, plan: list[tuple[_Row, int]], hidden: torch.Tensor) -> None:
         offset = 0
