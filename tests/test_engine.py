@@ -743,17 +743,34 @@ def test_the_decoding_pass_holds_nothing_a_cuda_graph_cannot(sharp):
     args = (torch.tensor([[5, 6, 7, 8]]), (lens - 1).unsqueeze(0), tables[:, 0] * BS + lens - 1, tables, lens)
     with torch.inference_mode():
         assert host_syncs(engine._decode_step, *args) == []
+
+    def set_masked(x):
+        x.clone()[x > 1] = 0
+
     counts = torch.tensor([1, 2, 1, 0])
+    checks = [  # (the pass's operation, what the check calls it)
+        (lambda x: x.sum().item(), "item"),
+        (lambda x: int(x.sum()), "item"),
+        (lambda x: x[x > 1], "index by a boolean mask"),
+        (set_masked, "index_put_ by a boolean mask"),
+        (lambda x: x.nonzero(), "nonzero"),
+        (lambda x: x.masked_select(x > 1), "masked_select"),
+        (lambda x: torch.equal(x, x), "equal"),
+        (lambda x: torch.unique(x), "_unique2"),
+        (lambda x: torch.unique(x, dim=0), "unique_dim"),
+        (lambda x: x.unique_consecutive(), "unique_consecutive"),
+        (lambda x: torch.repeat_interleave(x, counts), "repeat_interleave"),
+        (lambda x: x.to("meta"), "to cpu->meta"),  # the host's data to another device (there: cuda)
+        (lambda x: x.sum().to("meta"), "to cpu->meta"),
+        (lambda x: torch.empty(4, device="meta").copy_(x), "copy_ cpu->meta"),
+    ]
     for inference in (False, True):  # (the engine runs its passes under inference mode)
         with torch.inference_mode(inference):
             t = torch.arange(4.0)
-            assert host_syncs(lambda x: x.sum().item(), t) == ["item"]
-            assert host_syncs(lambda x: int(x.sum()), t) == ["item"]
-            assert host_syncs(lambda x: x[x > 1], t) == ["index by a boolean mask"]
-            assert host_syncs(lambda x: x.nonzero(), t) == ["nonzero"]
-            assert host_syncs(torch.repeat_interleave, t, counts) == ["repeat_interleave"]
-            assert host_syncs(lambda x: x.to("meta"), t) == ["to cpu->meta"]  # the host's data to another device
-            assert host_syncs(lambda x: x.repeat_interleave(2), t) == []
+            for op, name in checks:
+                assert host_syncs(op, t) == [name]
+            assert host_syncs(lambda x: bool(x.sum()), t) == ["is_nonzero" if inference else "item"]
+            assert host_syncs(lambda x: x.repeat_interleave(2) + x.sum(), t) == []  # sizes known on the host
 
 
 def test_a_pass_that_waits_for_the_device_stays_eager(sharp, monkeypatch, caplog):

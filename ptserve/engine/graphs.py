@@ -83,8 +83,8 @@ def _is_mask(index) -> bool:
 
 
 def _crosses(source: torch.Tensor, dest: torch.Tensor) -> bool:
-    """A copy between the host and a device (0-dim host tensors are passed to kernels as values: fine)."""
-    return (source.device.type == "cpu") != (dest.device.type == "cpu") and source.dim() > 0
+    """A copy between the host and a device (0-dim ones too: a device scalar read back waits for the device)."""
+    return (source.device.type == "cpu") != (dest.device.type == "cpu")
 
 
 def host_syncs(fn: Callable, *args) -> list[str]:
@@ -106,14 +106,15 @@ class _Bucket:
 class DecodeGraphs:
     """Decoding passes of `step(ids [1, B], positions [1, B], slots [B], tables [B, W], lens [B]) -> [B, H]`
     at bucketed shapes, each from a CUDA graph captured at its first use (`capture`), else run eagerly on
-    the same static buffers."""
+    the same static buffers. Every CUDA call names `device` (a worker may serve from a GPU that is not its
+    thread's current one)."""
 
     def __init__(self, step: Callable, device: torch.device, capture: bool):
         self.step = step
         self.device = torch.device(device)
         self.capture = capture
         self.buckets: dict[tuple[int, int], _Bucket] = {}
-        self.refused: set[tuple[int, int]] = set()  # buckets whose capture failed: their passes stay eager
+        self.failed: str | None = None  # why a capture failed: from then on every pass is eager
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._host = torch.empty(0, dtype=torch.long)
         self._copied = torch.cuda.Event() if capture else None  # the last copy out of `_host`
@@ -122,31 +123,38 @@ class DecodeGraphs:
         self, ids: list[int], positions: list[int], slots: list[int], lens: list[int], tables: list[list[int]]
     ):
         """Hidden states [B, H] of a pass over B rows with tables of W blocks each (B and W: the bucket), in a
-        tensor the next call overwrites; None when the bucket's graph could not be captured (the caller runs
-        an eager pass: the keys and values this one may have written are the same)."""
-        rows, width = len(ids), len(tables[0])
-        if (rows, width) in self.refused:
+        tensor the next call overwrites; None once a capture has failed (the caller runs an eager pass: the
+        keys and values this call may have written are the same)."""
+        if self.failed is not None:
             return None
-        bucket = self.buckets.get((rows, width))
+        key = (len(ids), len(tables[0]))
+        bucket = self.buckets.get(key)
         fresh = bucket is None
         if fresh:
-            bucket = self.buckets[(rows, width)] = self._bucket(rows, width)
+            bucket = self._bucket(*key)
         self._load(bucket, [*ids, *positions, *slots, *lens, *(b for t in tables for b in t)])
         if not self.capture:
             out = self.step(*bucket.views)
             if bucket.output is None:
                 bucket.output = torch.empty_like(out)
+            self.buckets[key] = bucket
             return bucket.output.copy_(out)
         if fresh:
             try:
                 self._capture(bucket)
-            except Exception as exc:  # out of memory, say: this bucket's passes stay eager, the others are graphs
-                del self.buckets[(rows, width)]
-                self.refused.add((rows, width))
-                logger.warning("decoding passes of %d x %d blocks stay eager: capture failed (%s)", rows, width, exc)
+            except Exception as exc:
+                # a failed capture may leave torch's allocator mid-capture: no more captures in this process
+                self.failed = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "decoding passes stay eager from now on: capturing %d rows x %d blocks failed (%s)",
+                    *key,
+                    self.failed,
+                )
                 return None
-            logger.info("CUDA graph captured for decoding passes of %d rows x %d blocks", rows, width)
-        bucket.graph.replay()
+            self.buckets[key] = bucket
+            logger.info("CUDA graph captured for decoding passes of %d rows x %d blocks", *key)
+        with torch.cuda.device(self.device):
+            bucket.graph.replay()
         return bucket.output
 
     def _bucket(self, rows: int, width: int) -> _Bucket:
@@ -165,18 +173,25 @@ class DecodeGraphs:
         host.numpy()[:] = values
         bucket.inputs.copy_(host, non_blocking=self.capture)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))
 
     def _capture(self, bucket: _Bucket) -> None:
-        """Warm up on a side stream (lazy library set-up happens outside the capture), capture; the inputs
-        are the bucket's first real pass, which the warm-up computes and the replay computes again (the
-        same keys and values written to the same slots)."""
+        """Warm up on a side stream (lazy library set-up happens outside the capture), capture on another;
+        the inputs are the bucket's first real pass, which the warm-up computes and the replay computes
+        again (the same keys and values written to the same slots). The thread's stream is restored even
+        when the capture fails (torch's context manager leaves the capture stream current then)."""
+        current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.step(*bucket.views)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            bucket.output = self.step(*bucket.views)
+        side.wait_stream(current)
+        try:
+            with torch.cuda.device(self.device):
+                with torch.cuda.stream(side):
+                    self.step(*bucket.views)
+                current.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                capture = torch.cuda.Stream(self.device)
+                with torch.cuda.graph(graph, pool=self.pool, stream=capture, capture_error_mode="thread_local"):
+                    bucket.output = self.step(*bucket.views)
+        finally:
+            torch.cuda.set_stream(current)
         bucket.graph = graph

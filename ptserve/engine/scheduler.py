@@ -227,6 +227,8 @@ class Engine:
         self.grammars = grammars
         self.vocab_limit = vocab_limit  # ids past the tokenizer's (no text) are never sampled
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # (for this thread; `run` sets the engine thread's)
         self.max_context_length = max_context_length
         self.max_queued = max_queued
         self.max_seqs = max_seqs
@@ -302,6 +304,8 @@ class Engine:
         """Run the engine on the calling thread until `shutdown()` (the worker calls it on the thread that
         loaded the model: see `worker.on_engine_thread`)."""
         self._thread = threading.current_thread()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the thread's own kernels and streams on the engine's GPU
         self._loop()
 
     def shutdown(self) -> None:
@@ -675,23 +679,26 @@ class Engine:
 
     def _start_graphs(self) -> DecodeGraphs | None:
         """Decoding passes from static buffers (CUDA graphs on CUDA), once a pass of one padded row (it writes
-        and reads the scratch block only) is found to hold no host sync and its replay equals the eager
-        pass; else None (eager passes), with a warning saying why."""
+        and reads the scratch block only) is found to hold no host sync, and its graph, captured from one
+        token and replayed for another, gives the other's eager pass (a graph that missed the pass's kernels
+        would give the first's again); else None (eager passes), with a warning saying why."""
         graphs = DecodeGraphs(self._decode_step, self.device, capture=self.device.type == "cuda")
-        ids, positions, slots, lens, tables = [0], [0], [self._scratch * self.block_size], [1], [[self._scratch]]
+        slots, lens, tables = [self._scratch * self.block_size], [1], [[self._scratch]]
+
+        def tensors(token: int) -> list[torch.Tensor]:
+            return [torch.tensor(x, device=self.device) for x in ([[token]], [[0]], slots, tables, lens)]
+
         try:
             with torch.inference_mode():
-                args = [torch.tensor(x, device=self.device) for x in ([ids], [positions], slots, tables, lens)]
-                syncs = host_syncs(self._decode_step, *args)
+                syncs = host_syncs(self._decode_step, *tensors(0))
                 if syncs:
                     found = ", ".join(sorted(set(syncs)))
                     logger.warning("decoding passes stay eager: a graph cannot hold their %s", found)
                     return None
-                eager = self._decode_step(*args).float()
-                replayed = graphs(ids, positions, slots, lens, tables)
+                replayed = [graphs([token], [0], slots, lens, tables) for token in (0, 1)][-1]
                 if replayed is None:  # the capture failed (DecodeGraphs said why)
                     return None
-                agree = torch.allclose(replayed.float(), eager, atol=2e-2, rtol=2e-2)
+                agree = torch.allclose(replayed.float(), self._decode_step(*tensors(1)).float(), atol=2e-2, rtol=2e-2)
         except Exception as exc:
             logger.warning("decoding passes stay eager: their graph failed (%s)", _describe(exc))
             return None
