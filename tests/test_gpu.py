@@ -98,6 +98,37 @@ def run(engine, jobs):
     return asyncio.run(scenario())
 
 
+class RandomDecode:
+    """Decoding passes' inputs on the host, any contents: rows of up to `width` blocks picked from 32 any
+    row reads, each row's last block (where its new token goes) its own, so no two rows write one slot;
+    the pool filled with random keys and values. (rows, width) -> ids, positions, slots, lens [B], tables
+    [B, W]."""
+
+    def __init__(self, engine: Engine, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.shared, self.own = engine.blocks.allocate(32), engine.blocks.allocate(64)
+        cuda_gen = torch.Generator("cuda").manual_seed(seed)
+        for t in engine.pool.keys + engine.pool.values:
+            t.normal_(generator=cuda_gen)
+
+    def __call__(self, rows: int, width: int):
+        lens = torch.randint(1, width * 16 + 1, (rows,), generator=self.gen)
+        tables = torch.zeros((rows, width), dtype=torch.long)
+        for r, n in enumerate(lens.tolist()):
+            picked = torch.randperm(len(self.shared), generator=self.gen)[: -(-n // 16)]
+            tables[r, : len(picked)] = torch.tensor(self.shared)[picked]
+            tables[r, len(picked) - 1] = self.own[r]
+        positions = lens - 1
+        slots = tables.gather(1, (positions // 16).unsqueeze(1)).squeeze(1) * 16 + positions % 16
+        ids = torch.randint(100, 30000, (rows,), generator=self.gen)
+        return ids, positions, slots, lens, tables
+
+
+def step_args(ids, positions, slots, lens, tables) -> list[torch.Tensor]:
+    """`Engine._decode_step`'s arguments on the GPU."""
+    return [t.to("cuda") for t in (ids.unsqueeze(0), positions.unsqueeze(0), slots, tables, lens)]
+
+
 def test_engine_answers_alike_with_the_varlen_kernel_and_with_cuda_graphs(cuda_model):
     gen = torch.Generator().manual_seed(1)
     jobs = [
@@ -149,34 +180,15 @@ def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):
     """60 passes of other tokens, positions, block tables and lengths, switching buckets: each bucket's
     graph is captured once, and every replay equals the eager pass on the same inputs."""
     engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, decode_graphs=True)
-    gen = torch.Generator().manual_seed(2)
-    owned = engine.blocks.allocate(32)  # read by any row
-    last = engine.blocks.allocate(64)  # the block each row writes its token to: its own
-    cuda_gen = torch.Generator("cuda").manual_seed(0)
-    for t in engine.pool.keys + engine.pool.values:
-        t.normal_(generator=cuda_gen)  # any finite keys and values
-
-    def inputs(rows: int, width: int):
-        lens = torch.randint(1, width * 16 + 1, (rows,), generator=gen)
-        tables = torch.zeros((rows, width), dtype=torch.long)
-        for r, n in enumerate(lens.tolist()):
-            picked = torch.randperm(len(owned), generator=gen)[: -(-n // 16)]
-            tables[r, : len(picked)] = torch.tensor(owned)[picked]
-            tables[r, len(picked) - 1] = last[r]
-        positions = lens - 1
-        slots = tables.gather(1, (positions // 16).unsqueeze(1)).squeeze(1) * 16 + positions % 16
-        ids = torch.randint(100, 30000, (rows,), generator=gen)
-        return ids, positions, slots, lens, tables
-
+    inputs = RandomDecode(engine, seed=2)
     buckets = [(4, 2), (1, 4), (8, 2), (64, 8)]
     with torch.inference_mode():
         for _ in range(60):
-            bucket = buckets[int(torch.randint(len(buckets), (1,), generator=gen))]  # not in capture order
+            bucket = buckets[int(torch.randint(len(buckets), (1,), generator=inputs.gen))]  # not in capture order
             ids, positions, slots, lens, tables = inputs(*bucket)
             replayed = engine._graphs(ids.tolist(), positions.tolist(), slots.tolist(), lens.tolist(), tables.tolist())
             replayed = replayed.float()  # (read before the next call overwrites it)
-            args = [t.to("cuda") for t in (ids.unsqueeze(0), positions.unsqueeze(0), slots, tables, lens)]
-            eager = engine._decode_step(*args).float()
+            eager = engine._decode_step(*step_args(ids, positions, slots, lens, tables)).float()
             torch.testing.assert_close(replayed, eager, atol=ATOL, rtol=ATOL)
     assert sorted(engine._graphs.buckets) == sorted([(1, 1), *buckets])  # (1, 1): the start-up check's
 
@@ -188,19 +200,10 @@ def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):
 )
 def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
     engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, compile_decode=True)
-    gen = torch.Generator().manual_seed(2)
-    owned = engine.blocks.allocate(32)
+    random_decode = RandomDecode(engine, seed=2)
 
     def inputs(rows: int, width: int):
-        lens = torch.randint(1, width * 16 + 1, (rows,), generator=gen)
-        tables = torch.zeros((rows, width), dtype=torch.long)
-        for r, n in enumerate(lens.tolist()):
-            picked = torch.randperm(len(owned), generator=gen)[: -(-n // 16)]
-            tables[r, : len(picked)] = torch.tensor(owned)[picked]
-        positions = lens - 1
-        slots = tables.gather(1, (positions // 16).unsqueeze(1)).squeeze(1) * 16 + positions % 16
-        ids = torch.randint(100, 30000, (1, rows), generator=gen)
-        return [t.to("cuda") for t in (ids, positions.unsqueeze(0), slots, tables, lens)]
+        return step_args(*random_decode(rows, width))
 
     buckets = [(4, 2), (1, 4), (8, 2)]
     with torch.inference_mode():
@@ -212,7 +215,9 @@ def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
                 args = inputs(*buckets[step % len(buckets)])
                 compiled = engine._decode(*args).float()
                 eager = engine._decode_step(*args).float()
-                torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=ATOL)
+                # inductor's fused kernels round bf16 elsewhere than eager ones (the same test on a CPU in bf16:
+                # 1 of 3,072 values 0.025 off); float32 on the CPU is held to 1e-4 (tests/test_engine.py)
+                torch.testing.assert_close(compiled, eager, atol=0.1, rtol=0.1)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
