@@ -112,6 +112,24 @@ def test_greedy_rows_and_seeded_rows_in_one_batch():
     assert make_generator(params[0]) is None
 
 
+def test_each_sampling_rows_settings_stay_its_own():
+    """Every row samples (the batch's settings and uniforms go to the device packed together): each row
+    draws what it draws alone, by its own temperature, top_p, min_p and seed."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50)
+    params = [
+        SamplingParams(8, 1.0, seed=1),
+        SamplingParams(8, 0.7, top_p=1e-6, seed=2),  # the top token only
+        SamplingParams(8, 2.0, min_p=1.0, seed=3),  # the top token only
+        SamplingParams(8, 1.5, top_p=0.9, min_p=0.05, seed=4),
+    ]
+    together = sample(logits, params, [make_generator(p) for p in params]).tolist()
+    alone = [sample(logits[i : i + 1], [p], [make_generator(p)]).item() for i, p in enumerate(params)]
+    assert together == alone
+    assert together[1:3] == logits[1:3].argmax(-1).tolist()
+    assert len({sample(logits[:1], params[:1], [make_generator(SamplingParams(8, 1.0))]).item() for _ in range(20)}) > 1
+
+
 def test_min_p_keeps_tokens_near_the_top():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     assert min_p_filter(probs, torch.tensor([0.5]))[0].tolist() == pytest.approx([0.5, 0.3, 0.0, 0.0])

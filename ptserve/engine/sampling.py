@@ -72,7 +72,7 @@ class RowState:
     def create(
         cls, params: SamplingParams, prompt_ids: list[int], vocab: int, device, grammars: GrammarBackend | None = None
     ) -> RowState:
-        state = cls(params, make_generator(params, device))
+        state = cls(params, make_generator(params))
         if params.grammar is not None:
             if grammars is None:
                 raise ValueError("this engine has no grammar backend")
@@ -100,11 +100,13 @@ class RowState:
         return self.matcher is not None and self.matcher.stopped
 
 
-def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A per-request RNG: the same seed gives the same text, whatever else runs beside it."""
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """A per-request RNG: the same seed gives the same text, whatever else runs beside it. On the host
+    whatever the device: a row's uniform each step is then a host call, not a kernel launch per row, and
+    `sample` sends the batch's uniforms to the device with its settings in one copy."""
     if params.greedy:
         return None
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()
     if params.seed is not None:
         gen.manual_seed(params.seed)
     else:
@@ -176,19 +178,27 @@ def sample(
         if not rows:
             return out
     else:
-        out = torch.empty(len(params), dtype=torch.long, device=logits.device)
-    temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-    scaled = logits[rows] / temps.unsqueeze(-1)
+        out = None
+    # each row's settings and uniform, made on the host and sent in one copy: [R, 4] float64
+    uniforms = torch.cat([torch.rand(1, generator=generators[i]) for i in rows]).double()
+    settings = torch.tensor(
+        [[params[i].temperature, params[i].top_p, params[i].min_p] for i in rows], dtype=torch.float64
+    )
+    settings = torch.cat([settings, uniforms.unsqueeze(1)], 1).to(logits.device)
+    every = out is None  # every row samples: no row index to send
+    scaled = (logits if every else logits[rows]) / settings[:, 0].float().unsqueeze(-1)
     if any(params[i].top_k > 0 for i in rows):
         scaled = top_k_filter(scaled, [params[i].top_k for i in rows])
     probs = torch.softmax(scaled, dim=-1)
     # Which filters apply is read from the settings, not from tensors: no device-to-host sync.
     if any(params[i].top_p < 1.0 for i in rows):
-        probs = top_p_filter(probs, torch.tensor([params[i].top_p for i in rows], device=logits.device))
+        probs = top_p_filter(probs, settings[:, 1].float())
     if any(params[i].min_p > 0.0 for i in rows):
-        probs = min_p_filter(probs, torch.tensor([params[i].min_p for i in rows], device=logits.device))
-    uniforms = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in rows])
-    out[rows] = draw(probs, uniforms)
+        probs = min_p_filter(probs, settings[:, 2].float())
+    drawn = draw(probs, settings[:, 3])
+    if every:
+        return drawn
+    out[rows] = drawn
     return out
 
 

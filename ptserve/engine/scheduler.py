@@ -724,7 +724,9 @@ class Engine:
             last.append(offset - 1)
         if not ready:
             return
-        tokens, logprobs = self._sample(hidden[last], ready)
+        # (`last` ascends: as many as the pass's tokens is all of them, as a decoding pass has it; a list index
+        # would be one more host-to-device copy, which on a GPU first waits for the pass)
+        tokens, logprobs = self._sample(hidden if len(last) == len(hidden) else hidden[last], ready)
         for row, token, logprob in zip(ready, tokens, logprobs, strict=True):
             row.decoding = True
             row.tokens.append(token)
