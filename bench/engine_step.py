@@ -2,8 +2,10 @@
 
 For each number of rows B (--levels):
 - `forward`: one decoding pass (the model's forward through the paged attention, no sampling) at B rows
-  of --context tokens, timed over --passes passes after warm-up (synchronized): eager, and, with --groups,
-  eager with the decoding rows gathered that many at a time for SDPA (paged.GPU_GROUP; the CPU's GROUP);
+  of --context tokens, timed over --passes passes after warm-up (synchronized): eager as the engine runs
+  it (on a GPU without the varlen kernel: the Triton kernel reading the pool in place, where its start-up
+  check passed), then with the rows gathered for SDPA in one call, and, with --groups, that many at a time
+  (paged.GPU_GROUP; the CPU's GROUP);
 - `prefill` (--chunks N,...): a pass computing N prompt tokens of one row from position 0, alone and with
   --riders decoding rows of --context tokens beside it, as the engine schedules a joining prompt
   (server.prefill_chunk_tokens sets N): what a chunk costs the streams already running;
@@ -277,7 +279,11 @@ def main() -> None:
             inputs, owned = decode_inputs(engine, rows, args.context, gen)
             if "forward" in parts:
                 ms = time_passes(engine._decode_step, inputs, args.passes, device)
-                row = forward[rows] = {"all_rows_ms": round(ms, 2)}
+                in_place = engine.pool.triton_decode  # the Triton kernel, where its start-up check passed
+                row = forward[rows] = {"all_rows_ms": round(ms, 2), "triton_in_place": in_place}
+                engine.pool.triton_decode = False  # the rows gathered for SDPA: in one call, in calls of N
+                if in_place:
+                    row["gathered_ms"] = round(time_passes(engine._decode_step, inputs, args.passes, device), 2)
                 for group in ints(args.groups) if device.type == "cuda" else []:
                     paged.GPU_GROUP = group
                     try:
@@ -285,6 +291,7 @@ def main() -> None:
                         row[f"groups_of_{group}_ms"] = round(ms, 2)
                     finally:
                         paged.GPU_GROUP = None
+                engine.pool.triton_decode = in_place
                 print(f"forward {rows} rows: {row}", flush=True)
             if "profile" in parts and rows in ints(args.profile):
                 report.setdefault("profile", {})[rows] = prof = profile(engine, inputs, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 
 import pytest
 import torch
@@ -789,6 +790,60 @@ def test_a_pass_that_waits_for_the_device_stays_eager(sharp, monkeypatch, caplog
     finally:
         engine.shutdown()
     assert (len(tokens), finish) == (3, "length")
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Triton's interpreter on the CPU (float32: it has no bf16) for the kernel CUDA runs compiled (conftest.py
+    turns it on). Triton comes with torch's CUDA builds, not with the CPU one CI installs: skipped there, run
+    where it is installed."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU machine: tests/test_gpu.py runs the kernel compiled")
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 96), (4, 2, 64)])
+def test_triton_decode_kernel_reads_each_rows_own_blocks(triton_interpreter, monkeypatch, heads, kv_heads, dim):
+    """The Triton kernel for CUDA's decoding rows without the varlen kernel gives SDPA over each row's
+    gathered tokens: rows of 1 to 300 tokens, blocks out of order, one program a row and head or the rows
+    split across many (merged by log-sum-exp), grouped heads, head size 96 as Phi-3.5's (a padded power of
+    two inside); its start-up check agrees."""
+    from ptserve.engine import triton_decode
+
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(64, BS, kv_heads, dim, generator=gen) for _ in "kv")
+    lens = [1, 17, 300, 40]
+    tables = torch.stack([torch.randperm(63, generator=gen)[:20] + 1 for _ in lens])
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    want = triton_decode.reference(q, keys, values, tables, lens, dim**-0.5)
+    for target, split in ((1, (1, 20)), (512, (20, 1))):
+        monkeypatch.setattr(triton_decode, "TARGET_PROGRAMS", target)
+        assert triton_decode.splits(len(lens), heads, 20) == split
+        got = triton_decode.decode(q, keys, values, tables, torch.tensor(lens), dim**-0.5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert triton_decode.works("cpu", torch.float32, BS, kv_heads, heads, dim)
+
+
+def test_passes_with_the_triton_kernel_equal_the_gathered_ones(triton_interpreter, sharp):
+    """Through the model: a decoding pass, and a pass where decoding rows ride beside a prompt chunk, give
+    the same hidden states with the kernel reading the pool in place as with the blocks gathered."""
+    from ptserve.engine.paged import PagedBatch
+
+    engine = Engine(sharp, 4096)
+    gen = torch.Generator().manual_seed(1)
+    for t in engine.pool.keys + engine.pool.values:
+        t.normal_(generator=gen)  # any finite keys and values
+    a, b, c = (engine.blocks.allocate(n) for n in (2, 3, 1))
+    decoding = [(20, 1, a), (33, 1, b)]
+    passes = [(decoding, [7, 8], [20, 33]), ([(0, 5, c), *decoding], [1, 2, 3, 4, 5, 7, 8], [0, 1, 2, 3, 4, 20, 33])]
+    for rows, ids, positions in passes:
+        hidden = []
+        for in_place in (False, True):
+            engine.pool.triton_decode = in_place
+            batch = PagedBatch.build(engine.pool, rows, False)
+            with torch.inference_mode():
+                hidden.append(engine._hidden(batch, torch.tensor([ids]), torch.tensor([positions]))[0])
+        torch.testing.assert_close(hidden[1], hidden[0], atol=1e-4, rtol=1e-4)
 
 
 def test_in_place_reading_needs_as_many_key_heads_as_threads(monkeypatch):

@@ -221,6 +221,26 @@ def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
+def test_triton_decode_kernel_equals_gathered_sdpa(heads, kv_heads):
+    """The Triton kernel compiled (Triton comes with torch's CUDA builds), bf16, head size 96 as Phi-3.5's:
+    its start-up check passes, and it gives SDPA over each row's gathered tokens for rows of 1 to 2,000
+    tokens, blocks out of order, one program a row and head or split."""
+    from ptserve.engine import triton_decode
+
+    assert triton_decode.works("cuda", torch.bfloat16, 16, kv_heads, heads, 96)
+    gen = torch.Generator("cuda").manual_seed(0)
+    keys, values = (
+        torch.randn(400, 16, kv_heads, 96, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "kv"
+    )
+    lens = [1, 17, 300, 2000, 64]
+    tables = torch.stack([torch.randperm(399, device="cuda")[:125] + 1 for _ in lens])
+    q = torch.randn(len(lens), heads, 96, generator=gen, device="cuda", dtype=torch.bfloat16)
+    want = triton_decode.reference(q, keys, values, tables, lens, 96**-0.5).float()
+    got = triton_decode.decode(q, keys, values, tables, torch.tensor(lens, device="cuda"), 96**-0.5).float()
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
 def test_flash_chunks_equal_the_masked_call(heads, kv_heads):
     """Without the varlen kernel, a prompt chunk after earlier tokens attends as two FlashAttention calls
     merged by log-sum-exp (the engine's start-up check passes here) and equals one masked call, head size

@@ -51,6 +51,9 @@ class KVPool:
         # on CUDA without the varlen kernel: prompt chunks after earlier tokens as two FlashAttention calls
         # merged (as on the CPU), once `flash_chunks_work` said so here; else one masked call
         self.flash_chunks = False
+        # on CUDA without the varlen kernel: decoding rows read in place by the Triton kernel
+        # (triton_decode.py), once its start-up check said so here; else gathered for SDPA
+        self.triton_decode = False
         shape = (num_blocks, block_size, kv_heads, head_dim)
         # torch.empty: on the CPU, pages nobody touched cost nothing
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -176,6 +179,7 @@ class PagedBatch:
     block_table: torch.Tensor | None = None
     max_q: int = 0
     max_k: int = 0
+    single_lens: torch.Tensor | None = None  # [S] long: the rows' tokens (for the Triton kernel)
 
     @classmethod
     def build(cls, pool: KVPool, rows: list[tuple[int, int, list[int]]], use_varlen: bool) -> PagedBatch:
@@ -229,7 +233,8 @@ class PagedBatch:
             width = len(single_tables[-1])
             tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in single_tables], device=device)
             batch.single_tables = tables
-            batch.single_mask = _length_mask(torch.tensor(single_lens, device=device), width * bs)
+            batch.single_lens = torch.tensor(single_lens, device=device)
+            batch.single_mask = _length_mask(batch.single_lens, width * bs)
             batch.groups = _groups(device, [len(t) for t in single_tables], bs)
         return batch
 
@@ -239,6 +244,7 @@ class PagedBatch:
         is compiled). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
         with the new one."""
         batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
+        batch.single_lens = lens
         if use_varlen:
             rows = tables.shape[0]
             batch.cu_seq_q = torch.arange(rows + 1, dtype=torch.int32, device=slots.device)
@@ -295,7 +301,17 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
     out = None if everyone else torch.empty((total, heads, query.shape[-1]), dtype=dtype, device=query.device)
     kvh, size = pool.kv_heads, pool.head_dim
     k_blocks, v_blocks = pool.keys[layer].flatten(1), pool.values[layer].flatten(1)  # [blocks, bs * kvh * D]
-    if batch.single_tables is not None:
+    if batch.single_tables is not None and pool.triton_decode:  # read in place (CUDA)
+        from ptserve.engine import triton_decode
+
+        qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1)  # [S, H, D]
+        keys, values = pool.keys[layer], pool.values[layer]
+        os = triton_decode.decode(qs, keys, values, batch.single_tables, batch.single_lens, scaling)
+        if everyone:
+            out = os
+        else:
+            out[batch.single_idx] = os
+    elif batch.single_tables is not None:
         qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1).unsqueeze(2)  # [S, H, 1, D]
         os = qs.new_empty(qs.shape)
         tables, mask, bs = batch.single_tables, batch.single_mask, pool.block_size

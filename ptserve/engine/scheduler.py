@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ptserve.engine import paged
+from ptserve.engine import paged, triton_decode
 from ptserve.engine.blocks import NULL_BLOCK, ROOT_KEY, BlockManager, block_keys
 from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.graphs import DecodeGraphs, host_syncs
@@ -263,6 +263,8 @@ class Engine:
             self.use_varlen = paged.varlen_works(self.device, self.kv_dtype, block_size, kv_heads, heads, head_dim)
         if self.device.type == "cuda" and not self.use_varlen:
             self.pool.flash_chunks = paged.flash_chunks_work(self.device, self.kv_dtype, kv_heads, heads, head_dim)
+            dims = (self.kv_dtype, block_size, kv_heads, heads, head_dim)
+            self.pool.triton_decode = triton_decode.works(self.device, *dims)
         unmasked = self.use_varlen or self.pool.flash_chunks  # chunks after earlier tokens attend without a mask
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(self.device, unmasked)
         paged.install(model)
@@ -645,11 +647,13 @@ class Engine:
         compiled step or the graphs see a few fixed shapes: padded rows write to the scratch block and read
         that one token (what they compute is dropped; real rows never read past their own length nor the
         scratch block). None (an eager pass instead) where a GPU would gather more than
-        paged.GPU_GATHER_TOKENS a layer for it: every row of a bucket reads its width."""
+        paged.GPU_GATHER_TOKENS a layer for it (neither the varlen kernel nor the Triton one reads the
+        pool in place): every row of a bucket reads its width."""
         bs, rows = self.block_size, len(plan)
         width = _bucket(max(r.computed // bs + 1 for r, _ in plan))
         size = _bucket(rows)
-        if self.device.type == "cuda" and not self.use_varlen and size * width * bs > paged.GPU_GATHER_TOKENS:
+        gathered = self.device.type == "cuda" and not (self.use_varlen or self.pool.triton_decode)
+        if gathered and size * width * bs > paged.GPU_GATHER_TOKENS:
             return None
         ids = [r.tokens[r.computed] for r, _ in plan] + [0] * (size - rows)
         positions = [r.computed for r, _ in plan] + [0] * (size - rows)
