@@ -129,51 +129,58 @@ def step_args(ids, positions, slots, lens, tables) -> list[torch.Tensor]:
     return [t.to("cuda") for t in (ids.unsqueeze(0), positions.unsqueeze(0), slots, tables, lens)]
 
 
-def test_engine_answers_alike_with_the_varlen_kernel_and_with_cuda_graphs(cuda_model):
-    gen = torch.Generator().manual_seed(1)
-    jobs = [
+def jobs_of(seed: int, shapes) -> list:
+    """Greedy requests with logprobs: (prompt tokens, tokens to generate) each."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
         (torch.randint(100, 30000, (n,), generator=gen).tolist(), SamplingParams(m, temperature=0.0, logprobs=0))
-        for n, m in ((20, 24), (45, 12), (70, 18))
+        for n, m in shapes
     ]
-    answers = []
-    for varlen, compiled in ((False, False), (True, False), (True, True)):
-        engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, compile_decode=compiled)
-        engine.use_varlen = varlen and engine.use_varlen
-        engine.start()
-        try:
-            answers.append(run(engine, jobs))
-        finally:
-            engine.shutdown()
-    for other in answers[1:]:
-        for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(other, answers[0], strict=True):
-            # bf16: a near tie may flip a token; compare up to the first difference
-            same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens, strict=True)) if x != y), len(tokens))
-            assert same >= len(tokens) // 2
-            assert logprobs[:same] == pytest.approx(ref_logprobs[:same], abs=0.1)
+
+
+def answers_of(model, jobs, varlen: bool = True, triton: bool = True, **engine_kwargs):
+    """The engine's (tokens, logprobs) per job, with the varlen kernel and the Triton one where they work
+    here and are asked for."""
+    engine = Engine(model, 4096, kv_budget_bytes=1 << 28, **engine_kwargs)
+    engine.use_varlen = varlen and engine.use_varlen
+    engine.pool.triton_decode = triton and engine.pool.triton_decode
+    engine.start()
+    try:
+        return run(engine, jobs)
+    finally:
+        engine.shutdown()
+
+
+def assert_alike(answers, reference) -> None:
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(answers, reference, strict=True):
+        # bf16, other kernels or shapes: a near tie may flip a token; compare up to the first difference
+        same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens, strict=True)) if x != y), len(tokens))
+        assert same >= len(tokens) // 2
+        assert logprobs[:same] == pytest.approx(ref_logprobs[:same], abs=0.1)
+
+
+def test_engine_answers_alike_on_every_attention_path(cuda_model):
+    """Rows gathered for SDPA, read in place by the Triton kernel (where its check passes here), and the
+    varlen kernel (torch 2.13): the same answers, eager passes."""
+    jobs = jobs_of(1, ((20, 24), (45, 12), (70, 18)))
+    reference = answers_of(cuda_model, jobs, varlen=False, triton=False)
+    assert_alike(answers_of(cuda_model, jobs, varlen=False), reference)
+    assert_alike(answers_of(cuda_model, jobs), reference)
 
 
 def test_cuda_graphs_answer_as_eager_passes(cuda_model):
     """The engine with its decoding passes replayed from CUDA graphs (the server's default on a GPU), on
     this torch's attention path, answers as with eager passes while rows leave and buckets change."""
-    gen = torch.Generator().manual_seed(1)
-    jobs = [
-        (torch.randint(100, 30000, (n,), generator=gen).tolist(), SamplingParams(m, temperature=0.0, logprobs=0))
-        for n, m in ((20, 24), (45, 12), (70, 30))
-    ]
-    answers = []
-    for graphs in (False, True):
-        engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, decode_graphs=graphs)
-        assert engine.decode_mode == ("from CUDA graphs" if graphs else "eager")
-        engine.start()
-        try:
-            answers.append(run(engine, jobs))
-        finally:
-            engine.shutdown()
+    jobs = jobs_of(1, ((20, 24), (45, 12), (70, 30)))
+    engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, decode_graphs=True)
+    assert engine.decode_mode == "from CUDA graphs"
+    engine.start()
+    try:
+        answers = run(engine, jobs)
+    finally:
+        engine.shutdown()
     assert len(engine._graphs.buckets) >= 4  # the start-up check's, then 3, 2 and 1 rows
-    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(answers[1], answers[0], strict=True):
-        same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens, strict=True)) if x != y), len(tokens))
-        assert same >= len(tokens) // 2  # bf16, other shapes (padded): a near tie may flip a token
-        assert logprobs[:same] == pytest.approx(ref_logprobs[:same], abs=0.1)
+    assert_alike(answers, answers_of(cuda_model, jobs))
 
 
 def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):
@@ -191,33 +198,6 @@ def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):
             eager = engine._decode_step(*step_args(ids, positions, slots, lens, tables)).float()
             torch.testing.assert_close(replayed, eager, atol=ATOL, rtol=ATOL)
     assert sorted(engine._graphs.buckets) == sorted([(1, 1), *buckets])  # (1, 1): the start-up check's
-
-
-@pytest.mark.skipif(
-    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
-    reason="before torch 2.13, CUDA graph trees keep per-thread state that only the first thread using them "
-    "gets; this test drives the compiled decode from the main thread after an engine thread did",
-)
-def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
-    engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, compile_decode=True)
-    random_decode = RandomDecode(engine, seed=2)
-
-    def inputs(rows: int, width: int):
-        return step_args(*random_decode(rows, width))
-
-    buckets = [(4, 2), (1, 4), (8, 2)]
-    with torch.inference_mode():
-        for rows, width in buckets:
-            engine._decode(*inputs(rows, width))
-            engine._decode(*inputs(rows, width))  # CUDA graphs record on a later call
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            for step in range(60):
-                args = inputs(*buckets[step % len(buckets)])
-                compiled = engine._decode(*args).float()
-                eager = engine._decode_step(*args).float()
-                # inductor's fused kernels round bf16 elsewhere than eager ones (the same test on a CPU in bf16:
-                # 1 of 3,072 values 0.025 off); float32 on the CPU is held to 1e-4 (tests/test_engine.py)
-                torch.testing.assert_close(compiled, eager, atol=0.1, rtol=0.1)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])
@@ -257,3 +237,37 @@ def test_flash_chunks_equal_the_masked_call(heads, kv_heads):
         torch.testing.assert_close(
             fast, paged._masked_chunk(q, *parts, 96**-0.5, heads != kv_heads), atol=ATOL, rtol=ATOL
         )
+
+
+def test_compiled_engine_answers_as_the_eager_one(cuda_model):
+    """server.compile_decode (torch.compile, its CUDA graph trees): the eager engine's answers. Last in this
+    file: compiling takes the longest, and torch 2.11 failed it (its cause unseen: pytest crashed)."""
+    jobs = jobs_of(1, ((20, 24), (45, 12), (70, 18)))
+    assert_alike(answers_of(cuda_model, jobs, compile_decode=True), answers_of(cuda_model, jobs))
+
+
+@pytest.mark.skipif(
+    tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13),
+    reason="before torch 2.13, CUDA graph trees keep per-thread state that only the first thread using them "
+    "gets; this test drives the compiled decode from the main thread after an engine thread did",
+)
+def test_cuda_graph_decode_never_recompiles_once_warm(cuda_model):
+    engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, compile_decode=True)
+    random_decode = RandomDecode(engine, seed=2)
+
+    def inputs(rows: int, width: int):
+        return step_args(*random_decode(rows, width))
+
+    buckets = [(4, 2), (1, 4), (8, 2)]
+    with torch.inference_mode():
+        for rows, width in buckets:
+            engine._decode(*inputs(rows, width))
+            engine._decode(*inputs(rows, width))  # CUDA graphs record on a later call
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(60):
+                args = inputs(*buckets[step % len(buckets)])
+                compiled = engine._decode(*args).float()
+                eager = engine._decode_step(*args).float()
+                # inductor's fused kernels round bf16 elsewhere than eager ones (the same test on a CPU in bf16:
+                # 1 of 3,072 values 0.025 off); float32 on the CPU is held to 1e-4 (tests/test_engine.py)
+                torch.testing.assert_close(compiled, eager, atol=0.1, rtol=0.1)
