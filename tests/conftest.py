@@ -12,11 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Triton (where installed) runs its kernels in its interpreter on a machine without CUDA: the Triton kernel's
-# tests (tests/test_engine.py). Triton reads this when it is imported, so it is set before anything can.
-if not Path("/dev/nvidiactl").exists():
+# tests (tests/test_engine.py). Triton reads this when it is imported, so it is set before anything can
+# (importing torch does not import it).
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 API_KEY = "test-key-123"
 SECOND_KEY = "second-key-456"  # the server takes several keys

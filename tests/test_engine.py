@@ -816,9 +816,10 @@ def test_triton_decode_kernel_reads_each_rows_own_blocks(triton_interpreter, mon
     tables = torch.stack([torch.randperm(63, generator=gen)[:20] + 1 for _ in lens])
     q = torch.randn(len(lens), heads, dim, generator=gen)
     want = triton_decode.reference(q, keys, values, tables, lens, dim**-0.5)
-    for target, split in ((1, (1, 20)), (512, (20, 1))):
+    for target, least, split in ((1, 4, (1, 20)), (1024, 4, (5, 4)), (1024, 1, (20, 1)), (1024, 3, (7, 3))):
         monkeypatch.setattr(triton_decode, "TARGET_PROGRAMS", target)
-        assert triton_decode.splits(len(lens), heads, 20) == split
+        monkeypatch.setattr(triton_decode, "MIN_SPLIT_BLOCKS", least)
+        assert triton_decode.splits(len(lens), heads, 20) == split  # (splits, blocks each; the last has less)
         got = triton_decode.decode(q, keys, values, tables, torch.tensor(lens), dim**-0.5)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert triton_decode.works("cpu", torch.float32, BS, kv_heads, heads, dim)

@@ -204,7 +204,7 @@ def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):
 def test_triton_decode_kernel_equals_gathered_sdpa(heads, kv_heads):
     """The Triton kernel compiled (Triton comes with torch's CUDA builds), bf16, head size 96 as Phi-3.5's:
     its start-up check passes, and it gives SDPA over each row's gathered tokens for rows of 1 to 2,000
-    tokens, blocks out of order, one program a row and head or split."""
+    tokens, blocks out of order: 5 rows split across programs, 64 rows one program a row and head."""
     from ptserve.engine import triton_decode
 
     assert triton_decode.works("cuda", torch.bfloat16, 16, kv_heads, heads, 96)
@@ -212,12 +212,15 @@ def test_triton_decode_kernel_equals_gathered_sdpa(heads, kv_heads):
     keys, values = (
         torch.randn(400, 16, kv_heads, 96, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in "kv"
     )
-    lens = [1, 17, 300, 2000, 64]
-    tables = torch.stack([torch.randperm(399, device="cuda")[:125] + 1 for _ in lens])
-    q = torch.randn(len(lens), heads, 96, generator=gen, device="cuda", dtype=torch.bfloat16)
-    want = triton_decode.reference(q, keys, values, tables, lens, 96**-0.5).float()
-    got = triton_decode.decode(q, keys, values, tables, torch.tensor(lens, device="cuda"), 96**-0.5).float()
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+    lengths = torch.randint(1, 401, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    for lens, splits in (([1, 17, 300, 2000, 64], 7), (lengths, 1)):
+        width = -(-max(lens) // 16)
+        assert triton_decode.splits(len(lens), heads, width)[0] == splits
+        tables = torch.stack([torch.randperm(399, device="cuda")[:width] + 1 for _ in lens])
+        q = torch.randn(len(lens), heads, 96, generator=gen, device="cuda", dtype=torch.bfloat16)
+        want = triton_decode.reference(q, keys, values, tables, lens, 96**-0.5).float()
+        got = triton_decode.decode(q, keys, values, tables, torch.tensor(lens, device="cuda"), 96**-0.5).float()
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])

@@ -264,7 +264,8 @@ class Engine:
         if self.device.type == "cuda" and not self.use_varlen:
             self.pool.flash_chunks = paged.flash_chunks_work(self.device, self.kv_dtype, kv_heads, heads, head_dim)
             dims = (self.kv_dtype, block_size, kv_heads, heads, head_dim)
-            self.pool.triton_decode = triton_decode.works(self.device, *dims)
+            # (not under torch.compile: its decode keeps the gathered path, which inductor fuses itself)
+            self.pool.triton_decode = not compile_decode and triton_decode.works(self.device, *dims)
         unmasked = self.use_varlen or self.pool.flash_chunks  # chunks after earlier tokens attend without a mask
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(self.device, unmasked)
         paged.install(model)

@@ -17,35 +17,46 @@ the CPU in Triton's interpreter (TRITON_INTERPRET=1, float32) when Triton is ins
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-# Programs to aim for per call (rows x query heads x splits): a few per SM of a large GPU (an H100 has 132);
-# a row's blocks are split until its programs reach this, a split reading at least one block.
-TARGET_PROGRAMS = 512
+try:  # Triton comes with torch's CUDA builds
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+# A call's programs (rows x query heads x splits): a row's blocks are split until a call has this many, as
+# long as each split reads MIN_SPLIT_BLOCKS blocks at least (a few long rows still fill a large GPU: an H100
+# has 132 SMs; every split costs its partial output and the merge).
+TARGET_PROGRAMS = 1024
+MIN_SPLIT_BLOCKS = 4
 
 
 def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return triton is not None
 
 
-@functools.cache
-def _kernel(interpret: bool):
-    """The jitted kernel (built at first use: TRITON_INTERPRET is read when it is made)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["blocks_per_split"])  # one compiled kernel whatever the rows' lengths
-    def paged_decode(
+if triton is not None:
+    # one compiled kernel whatever the rows' count, lengths and splits (and wherever a graph's inputs lie)
+    @triton.jit(
+        do_not_specialize=[
+            "blocks_per_split",
+            "stride_qb",
+            "stride_qh",
+            "stride_tb",
+            "stride_ob",
+            "stride_oh",
+            "stride_os",
+            "stride_lb",
+            "stride_lh",
+        ],
+        do_not_specialize_on_alignment=["q_ptr", "tables_ptr", "lens_ptr"],
+    )
+    def _paged_decode(
         q_ptr,  # [B, H, D]
         k_ptr,  # [blocks, BLOCK_SIZE, KV_HEADS, D] (any strides but the last)
         v_ptr,
@@ -85,55 +96,57 @@ def _kernel(interpret: bool):
         q = q * scale
         n = tl.load(lens_ptr + row)
         first = split * blocks_per_split
+        # the split's blocks that hold any of the row's tokens (a loop without a branch: it pipelines)
+        last = tl.minimum(first + blocks_per_split, (n + BLOCK_SIZE - 1) // BLOCK_SIZE)
         m_i = tl.zeros([1], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(0, blocks_per_split):
-            index = first + j
-            if index * BLOCK_SIZE < n:  # a block holding at least one of the row's tokens
-                block = tl.load(tables_ptr + row * stride_tb + index)
-                valid = index * BLOCK_SIZE + t < n
-                mask = valid[:, None] & in_dim[None, :]
-                k_at = k_ptr + block * stride_kb + t[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
-                k = tl.load(k_at, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_SIZE, BLOCK_D]
-                scores = tl.sum(k * q[None, :], 1)
-                scores = tl.where(valid, scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, 0))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(scores - m_new)
-                l_i = l_i * alpha + tl.sum(p, 0)
-                v_at = v_ptr + block * stride_vb + t[:, None] * stride_vt + kv_head * stride_vh + d[None, :]
-                v = tl.load(v_at, mask=mask, other=0.0).to(tl.float32)
-                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-                m_i = m_new
+        for index in range(first, last):
+            block = tl.load(tables_ptr + row * stride_tb + index)
+            valid = index * BLOCK_SIZE + t < n
+            mask = valid[:, None] & in_dim[None, :]
+            k_at = k_ptr + block * stride_kb + t[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
+            k = tl.load(k_at, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_SIZE, BLOCK_D]
+            scores = tl.sum(k * q[None, :], 1)
+            scores = tl.where(valid, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            v_at = v_ptr + block * stride_vb + t[:, None] * stride_vt + kv_head * stride_vh + d[None, :]
+            v = tl.load(v_at, mask=mask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m_i = m_new
         seen = l_i > 0
         out = acc / tl.where(seen, l_i, 1.0)
         lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(out_ptr + row * stride_ob + head * stride_oh + split * stride_os + d, out, mask=in_dim)
         tl.store(lse_ptr + row * stride_lb + head * stride_lh + split + tl.arange(0, 1), lse)
 
-    return paged_decode
-
 
 def splits(rows: int, heads: int, width: int) -> tuple[int, int]:
     """(splits, blocks per split) for rows of `width` blocks: from shapes only (a CUDA graph's are fixed)."""
-    wanted = min(width, max(1, -(-TARGET_PROGRAMS // (rows * heads))))
+    wanted = min(-(-width // MIN_SPLIT_BLOCKS), max(1, -(-TARGET_PROGRAMS // (rows * heads))))
     per = -(-width // wanted)
     return -(-width // per), per
 
 
-def decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables, lens, scale: float) -> torch.Tensor:
+def decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables, lens, scale: float | None
+) -> torch.Tensor:
     """Attention of one query token per row over its own tokens in the pool: q [B, H, D], keys/values
     [blocks, block_size, kv_heads, D], tables [B, W] (null-padded), lens [B] (tokens, the new one
     included) -> [B, H, D] in q's dtype."""
     rows, heads, dim = q.shape
     block_size, kv_heads = keys.shape[1], keys.shape[2]
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or tables.stride(1) != 1 or lens.stride(0) != 1:
+        raise ValueError("the pool's head dimension, the tables' rows and the lengths must be contiguous")
+    scale = dim**-0.5 if scale is None else scale
     count, per = splits(rows, heads, tables.shape[1])
     out = torch.empty((rows, heads, count, dim), dtype=torch.float32, device=q.device)
     lse = torch.empty((rows, heads, count), dtype=torch.float32, device=q.device)
     q = q.contiguous() if q.stride(-1) != 1 else q
-    kernel = _kernel(os.environ.get("TRITON_INTERPRET") == "1")
-    kernel[(rows, heads, count)](
+    _paged_decode[(rows, heads, count)](
         q,
         keys,
         values,
