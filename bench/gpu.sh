@@ -56,7 +56,7 @@ PY
 
 left() { echo $((budget - ($(date +%s) - start))); }
 shape=${SHAPE:-phi35}
-serve="python3 bench/serve.py --shape $shape --prompt-tokens 256 --max-tokens ${MAX_TOKENS:-256} --peer none"
+serve="python3 bench/serve.py --shape $shape --prompt-tokens 256 --max-tokens ${MAX_TOKENS:-256} --peer none --warm-up-levels"
 # run NAME SHARE COMMAND: the command under `timeout` (its share, or what is left less 20 s), logged; then any
 # server it left behind is stopped (a step cut short leaves one holding the GPU's memory). A failure is printed
 # with the end of its log and the servers' logs; the next step runs either way.

@@ -261,11 +261,18 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-async def run_level(port: int, model: str, n: int, max_tokens: int, count_tokens, prompts: list) -> dict:
+async def run_level(
+    port: int, model: str, n: int, max_tokens: int, count_tokens, prompts: list, warm_up: list | None = None
+) -> dict:
+    """One level: a warm-up request (or, given `warm_up` prompts, n at once: a server's decoding shapes at
+    this level are met before the clock starts, as CUDA graphs captured when first met), then n requests."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await one_request(client, url, model, prompts[0], 8, count_tokens)  # warm-up
+        if warm_up:
+            await asyncio.gather(*(one_request(client, url, model, warm_up[i], 8, count_tokens) for i in range(n)))
+        else:
+            await one_request(client, url, model, prompts[0], 8, count_tokens)  # warm-up
         start = time.perf_counter()
         results = await asyncio.gather(
             *(one_request(client, url, model, prompts[i], max_tokens, count_tokens) for i in range(n))
@@ -288,14 +295,16 @@ async def run_level(port: int, model: str, n: int, max_tokens: int, count_tokens
     }
 
 
-def bench(server: Server, model: str, levels: list[int], max_tokens: int, count_tokens, prompts, save) -> list[dict]:
+def bench(
+    server: Server, model: str, levels: list[int], max_tokens: int, count_tokens, prompts, save, warm_up=None
+) -> list[dict]:
     """Each level in turn; `save(rows)` after each, so a run cut short (a device call's time limit) keeps
     the levels it measured."""
     server.wait()
     try:
         rows = []
         for n in levels:
-            row = asyncio.run(run_level(server.port, model, n, max_tokens, count_tokens, prompts))
+            row = asyncio.run(run_level(server.port, model, n, max_tokens, count_tokens, prompts, warm_up))
             row.update(server.memory())
             print(f"  {server.name:13s} {json.dumps(row)}", flush=True)
             rows.append(row)
@@ -358,6 +367,12 @@ def main() -> None:
         default="auto,float32",
         help="transformers serve --dtype values to run: auto (the issue's command) and ptserve's CPU dtype",
     )
+    parser.add_argument(
+        "--warm-up-levels",
+        action="store_true",
+        help="before each level, as many requests of 8 tokens at once, other prompts of the same lengths (a "
+        "server capturing CUDA graphs for new decoding shapes meets this level's first)",
+    )
     parser.add_argument("--model-dir", type=Path, help="default: bench/out/<the shape's folder> (MODEL_DIRS)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -375,6 +390,7 @@ def main() -> None:
         parser.error("--prompt-spread needs --prompt-tokens")
     lengths = [args.prompt_tokens + i * args.prompt_spread if args.prompt_tokens else None for i in range(max(levels))]
     prompts = [messages_for(i, n, tokenizer) for i, n in enumerate(lengths)]
+    warm_up = [messages_for(10_000 + i, n, tokenizer) for i, n in enumerate(lengths)] if args.warm_up_levels else None
     py = sys.executable
     results = {
         "machine": machine(),
@@ -403,7 +419,7 @@ def main() -> None:
             env={"PTSERVE_SERVER_MAX_CONCURRENT_SEQUENCES": str(max(levels))},
             start_timeout=900,
         )
-        bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens, prompts, saver(name))
+        bench(ours, "phi-3.5-mini-instruct", levels, args.max_tokens, count_tokens, prompts, saver(name), warm_up)
     if "ptserve" not in results:
         args.peer = "none"  # the ratios compare the unquantized server
 
@@ -413,7 +429,7 @@ def main() -> None:
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
         cmd += ["--dtype", dtype, "--max-model-len", "2048", "--port", str(port)]
         peer = Server(name, cmd, port, env={"VLLM_CPU_KVCACHE_SPACE": "2"}, start_timeout=900)
-        bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts, saver(name))
+        bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts, saver(name), warm_up)
         print_ratios(results["ptserve"], results[name], f"vllm --dtype {dtype}")
     if args.peer in ("transformers", "all"):
         cli = str(Path(py).with_name("transformers"))
@@ -424,7 +440,7 @@ def main() -> None:
             device = "cuda" if "no GPU" not in results["machine"] else "cpu"
             cmd = [cli, "serve", str(model_dir), "--device", device, "--continuous-batching", "--dtype", dtype]
             peer = Server(name, [*cmd, "--port", str(port)], port)
-            bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts, saver(name))
+            bench(peer, str(model_dir), levels, args.max_tokens, count_tokens, prompts, saver(name), warm_up)
             print_ratios(results["ptserve"], results[name], f"transformers serve --dtype {dtype}")
     write_json(results, args.out)
 
