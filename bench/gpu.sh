@@ -4,14 +4,16 @@
 #     BUDGET_S=540 bash bench/gpu.sh        # the steps below in this order, as many as BUDGET_S seconds allow
 #     STEPS="none 4bit" bash bench/gpu.sh   # some of them (a later call on the same warm machine)
 # Steps (each is skipped once less than 40 s of BUDGET_S is left, and cut at its own share; 540 s hold
-# graphs, none, tests and engine: the rest need a call of their own, STEPS="4bit eager ..."):
+# graphs, none and tests, and engine as far as it gets: the rest need a call of their own,
+# STEPS="engine 4bit eager ..."):
 #     graphs    bench/engine_step.py --parts graphs: decoding passes replayed from CUDA graphs (the server's
 #               default), their capture and pass times at 1/16/64 rows, then the engine's loop with them
 #     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
 #               rows' grouping for SDPA, prefill chunks, the engine loop's phases, the compiled decode)
 #     engine-compiled  the engine's loop with the compiled decode (CUDA graphs) at ENGINE_COMPILED rows
 #               (1,16), as the server runs it: a process of its own (torch 2.11's graph trees are per thread)
-#     tests     the `gpu`-marked tests (tests/test_gpu.py: the varlen kernel, CUDA graphs)
+#     tests     the `gpu`-marked tests (tests/test_gpu.py: CUDA graphs, the Triton decode kernel, the varlen
+#               kernel, FlashAttention prompt chunks, then the torch.compile ones)
 #     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
 #     eager     the same with server.cuda_graphs off (eager decoding passes)
@@ -76,7 +78,7 @@ run() {
     pids=$(leftovers)
     [ -n "$pids" ] && { kill -9 $pids 2>/dev/null; sleep 3; }
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s"
-    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|graphs|profile|model) |cudagraph|CUDA graph|stay eager' $logs/$name.log | cut -c1-1500 | tail -24
+    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|graphs|profile|model)[ :]|cudagraph|CUDA graph|stay eager' $logs/$name.log | cut -c1-1500 | tail -24
     for f in bench/out/ptserve*.log bench/out/multiturn-*.log; do
         [ -f "$f" ] || continue
         cp "$f" "$logs/$name-${f##*/}"

@@ -184,7 +184,9 @@ def sample(
     settings = torch.tensor(
         [[params[i].temperature, params[i].top_p, params[i].min_p] for i in rows], dtype=torch.float64
     )
-    settings = torch.cat([settings, uniforms.unsqueeze(1)], 1).to(logits.device)
+    settings = torch.cat([settings, uniforms.unsqueeze(1)], 1)
+    if logits.device.type == "cuda":  # from pinned memory: the copy does not wait for the pass to finish
+        settings = settings.pin_memory().to(logits.device, non_blocking=True)
     every = out is None  # every row samples: no row index to send
     scaled = (logits if every else logits[rows]) / settings[:, 0].float().unsqueeze(-1)
     if any(params[i].top_k > 0 for i in rows):

@@ -615,7 +615,8 @@ class Engine:
             return None, exc
 
     def _pass(self, plan: list[tuple[_Row, int]]) -> torch.Tensor:
-        if (self._decode or self._graphs) is not None and all(r.decoding and n == 1 for r, n in plan):
+        padded = self._decode is not None or self._graphs is not None
+        if padded and all(r.decoding and n == 1 for r, n in plan):
             hidden = self._bucketed_decode(plan)
             if hidden is not None:
                 return hidden
@@ -665,7 +666,10 @@ class Engine:
         lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
         if self._graphs is not None:
             hidden = self._graphs(ids, positions, slots, lens, tables)
-            return None if hidden is None else hidden[:rows]
+            if hidden is None:  # a capture failed: eager passes from now on (DecodeGraphs said why)
+                self._graphs = None
+                return None
+            return hidden[:rows]
         device = self.device
         hidden = self._decode(
             torch.tensor([ids], device=device),
