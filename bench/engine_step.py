@@ -3,9 +3,9 @@
 For each number of rows B (--levels):
 - `forward`: one decoding pass (the model's forward through the paged attention, no sampling) at B rows
   of --context tokens, timed over --passes passes after warm-up (synchronized): eager as the engine runs
-  it (on a GPU without the varlen kernel: the Triton kernel reading the pool in place, where its start-up
-  check passed), then with the rows gathered for SDPA in one call, and, with --groups, that many at a time
-  (paged.GPU_GROUP; the CPU's GROUP);
+  it (on a GPU: RMSNorm fused; without the varlen kernel, the Triton kernel reading the pool in place, where
+  its start-up check passed), then with transformers' own RMSNorm, with the rows gathered for SDPA in one
+  call, and, with --groups, that many at a time (paged.GPU_GROUP; the CPU's GROUP);
 - `prefill` (--chunks N,...): a pass computing N prompt tokens of one row from position 0, alone and with
   --riders decoding rows of --context tokens beside it, as the engine schedules a joining prompt
   (server.prefill_chunk_tokens sets N): what a chunk costs the streams already running;
@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import emit, write_json  # noqa: E402
 from bench.serve import SHAPES, machine  # noqa: E402
-from ptserve.engine import paged, rope  # noqa: E402
+from ptserve.engine import paged, rmsnorm, rope  # noqa: E402
 from ptserve.engine.paged import PagedBatch  # noqa: E402
 from ptserve.engine.sampling import SamplingParams  # noqa: E402
 from ptserve.engine.scheduler import Engine  # noqa: E402
@@ -59,6 +59,8 @@ def make_model(shape: str, device: torch.device):
     dtype = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32  # `dtype: auto`
     model = random_model(TinyShape(**SHAPES[shape]), device.type, dtype).eval()
     rope.pin_longrope(model, 4096)
+    if device.type == "cuda":  # as the loader does
+        rmsnorm.fuse(model)
     return model
 
 
@@ -281,6 +283,9 @@ def main() -> None:
                 ms = time_passes(engine._decode_step, inputs, args.passes, device)
                 in_place = engine.pool.triton_decode  # the Triton kernel, where its start-up check passed
                 row = forward[rows] = {"all_rows_ms": round(ms, 2), "triton_in_place": in_place}
+                if rmsnorm.unfuse(engine.model):  # transformers' own RMSNorm (the GPU's is fused)
+                    row["unfused_norms_ms"] = round(time_passes(engine._decode_step, inputs, args.passes, device), 2)
+                    rmsnorm.fuse(engine.model)
                 engine.pool.triton_decode = False  # the rows gathered for SDPA: in one call, in calls of N
                 if in_place:
                     row["gathered_ms"] = round(time_passes(engine._decode_step, inputs, args.passes, device), 2)

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import torch
 
-from ptserve.engine import paged, rope
+from ptserve.engine import paged, rmsnorm, rope
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, _has_varlen
 from ptserve.tinymodel import TinyShape, build
@@ -36,6 +36,7 @@ def cuda_model(tmp_path_factory):
     path = build(tmp_path_factory.mktemp("gpu-tiny"), TinyShape(hidden=384, heads=4, intermediate=512))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
     rope.pin_longrope(model, 4096)  # as the server loads it
+    rmsnorm.fuse(model)
     paged.install(model)
     return model
 
@@ -221,6 +222,20 @@ def test_triton_decode_kernel_equals_gathered_sdpa(heads, kv_heads):
         want = triton_decode.reference(q, keys, values, tables, lens, 96**-0.5).float()
         got = triton_decode.decode(q, keys, values, tables, torch.tensor(lens, device="cuda"), 96**-0.5).float()
         torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
+
+
+def test_fused_rms_norms_give_transformers_norms_on_the_gpu(cuda_model):
+    """torch's fused RMSNorm kernel (the loader's choice on a GPU) against transformers' eight operations,
+    bf16: the logits agree up to bf16's rounding."""
+    ids = torch.tensor([list(range(100, 164))], device="cuda")
+    with torch.inference_mode():
+        fused = cuda_model(ids).logits.float()
+        assert rmsnorm.unfuse(cuda_model) == 2 * cuda_model.config.num_hidden_layers + 1
+        try:
+            plain = cuda_model(ids).logits.float()
+        finally:
+            rmsnorm.fuse(cuda_model)
+    torch.testing.assert_close(fused, plain, atol=0.1, rtol=0.05)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])

@@ -528,3 +528,23 @@ def test_bad_settings_fail_one_request_not_the_batch(engine, tokenizer):
     (bad_finish, bad_error), (good_finish, good_error) = asyncio.run(scenario())
     assert bad_finish == "error" and "IndexError" in bad_error
     assert (good_finish, good_error) == ("length", None)
+
+
+def test_fused_rms_norms_give_transformers_norms(tiny_model_dir):
+    """torch's fused RMSNorm (what the loader swaps in on a GPU) in place of transformers' eight operations:
+    every norm of the model swapped and back, the logits equal (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    from ptserve.engine import rmsnorm
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(100, 140))])
+    with torch.no_grad():
+        want = model(ids).logits
+        layers = model.config.num_hidden_layers
+        assert rmsnorm.fuse(model) == 2 * layers + 1 and rmsnorm.fuse(model) == 0  # each layer's two, the last
+        got = model(ids).logits
+        assert rmsnorm.unfuse(model) == 2 * layers + 1
+        again = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, want)
