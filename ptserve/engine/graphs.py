@@ -118,6 +118,9 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._host = torch.empty(0, dtype=torch.long)
         self._copied = torch.cuda.Event() if capture else None  # the last copy out of `_host`
+        # one warm-up stream and one capture stream for every bucket (the allocator keeps freed blocks per
+        # stream: a stream per capture would strand its warm-up's blocks)
+        self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if capture else None
 
     def __call__(
         self, ids: list[int], positions: list[int], slots: list[int], lens: list[int], tables: list[list[int]]
@@ -181,7 +184,7 @@ class DecodeGraphs:
         again (the same keys and values written to the same slots). The thread's stream is restored even
         when the capture fails (torch's context manager leaves the capture stream current then)."""
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+        side, capture = self._streams
         side.wait_stream(current)
         try:
             with torch.cuda.device(self.device):
@@ -189,7 +192,7 @@ class DecodeGraphs:
                     self.step(*bucket.views)
                 current.wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                capture = torch.cuda.Stream(self.device)
+                capture.wait_stream(current)
                 with torch.cuda.graph(graph, pool=self.pool, stream=capture, capture_error_mode="thread_local"):
                     bucket.output = self.step(*bucket.views)
         finally:
