@@ -14,8 +14,10 @@ For each number of rows B (--levels):
   time of each phase of a pass (`Phases`: on a GPU, where the host waits for it);
 - `profile` (--profile B,...): torch.profiler over a few eager passes: the wall time a pass takes against the
   GPU's busy time (a pass the host cannot launch fast enough shows a GPU mostly idle) and the top operators;
-- `compiled` (--compiled B,...): the same forward through the compiled decode (torch.compile, CUDA graphs on
-  CUDA), called from this thread: compile time, then ms a pass, and torch's counters.
+- `compiled` (--compiled B,...): the same forward through the compiled decode (server.compile_decode: on
+  CUDA inductor's pass, rows and blocks symbolic, compiled once at start, replayed from ptserve's CUDA
+  graphs; on a CPU compiled per bucket), called as the engine calls it: start and first-call times, ms a
+  pass, and torch's counters.
   TORCH_LOGS=perf_hints,recompiles,+torch._inductor.cudagraph_trees says why graphs are skipped, shapes
   recompiled or graphs re-recorded;
 - `engine-compiled` (--engine-compiled B,...): the `engine` measurement with server.compile_decode, the
@@ -23,8 +25,7 @@ For each number of rows B (--levels):
 - `graphs` (--graphs B,...): decoding passes replayed from CUDA graphs (server.cuda_graphs, graphs.py) at B
   rows of --context tokens: the capture's time, ms a pass (inputs packed and copied in, the replay), then the
   `engine` measurement with them (on a CPU: the same static buffers run eagerly).
---parts picks them. torch 2.11's CUDA graph trees keep their state per thread and assert when a second
-thread uses them (2.13 sets each thread up): run `compiled` and `engine-compiled` in separate processes there.
+--parts picks them (bench/gpu.sh runs `engine-compiled` in a process of its own: a compile per process).
 
 A random-weight model of the --shape (bench/serve.py's shapes) is made in memory (the server's dtype):
 nothing is written. On a CPU, time `engine` in a run of its own (--parts engine): the other parts run on
@@ -324,17 +325,24 @@ def main() -> None:
         del engine
     if "compiled" in parts:
         compiled_levels = ints(args.compiled)
+        t0 = time.perf_counter()
         engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(compiled_levels), compile_decode=True)
-        runs = report["compiled"] = {}
+        # on a GPU the start-up check compiled it (rows and blocks symbolic) and captured its first graph
+        runs = report["compiled"] = {"decode_mode": engine.decode_mode, "start_s": round(time.perf_counter() - t0, 1)}
         for rows in compiled_levels:
+            rows = max(rows, engine._min_bucket)  # (a GPU's buckets start at 2 rows)
             inputs, owned = decode_inputs(engine, rows, args.context, gen)
+            step, step_args = engine._decode, inputs
+            if engine._graphs is not None:  # as the engine calls it: from its CUDA graphs
+                ids, positions, slots, tables, lens = (t.tolist() for t in inputs)
+                step, step_args = engine._graphs, (ids[0], positions[0], slots, lens, tables)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                engine._decode(*inputs)
-                engine._decode(*inputs)  # CUDA graphs record on a later call
+                step(*step_args)
+                step(*step_args)
             sync(device)
             compile_s = time.perf_counter() - t0
-            ms = time_passes(engine._decode, inputs, args.passes, device)
+            ms = time_passes(step, step_args, args.passes, device)
             runs[rows] = {"compile_s": round(compile_s, 1), "ms_per_pass": round(ms, 2)}
             print(f"compiled {rows} rows: {runs[rows]}", flush=True)
             engine.blocks.release(owned)

@@ -10,15 +10,16 @@
 #               default), their capture and pass times at 1/16/64 rows, then the engine's loop with them
 #     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
 #               rows' grouping for SDPA, prefill chunks, the engine loop's phases, the compiled decode)
-#     engine-compiled  the engine's loop with the compiled decode (CUDA graphs) at ENGINE_COMPILED rows
-#               (1,16), as the server runs it: a process of its own (torch 2.11's graph trees are per thread)
+#     engine-compiled  the engine's loop with the compiled decode (in ptserve's CUDA graphs) at ENGINE_COMPILED
+#               rows (1,16), as the server runs it, in a process of its own
 #     tests     the `gpu`-marked tests (tests/test_gpu.py: CUDA graphs, the Triton decode kernel, the varlen
 #               kernel, FlashAttention prompt chunks, then the torch.compile ones)
 #     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
 #     eager     the same with server.cuda_graphs off (eager decoding passes)
 #     4bit      the same, bitsandbytes-quantized at load (8bit likewise, last)
-#     compiled  the same as none with server.compile_decode (torch.compile, CUDA graphs) at COMPILED_LEVELS
+#     compiled  the same as none with server.compile_decode (inductor's pass compiled once at start, in
+#               ptserve's CUDA graphs) at COMPILED_LEVELS
 #     multiturn bench/multiturn.py on the same model, ptserve with and without its prefix cache
 # Results in $OUT (or bench/out/): gpu-<card>-<step>.json, the tests' and steps' logs and the servers' logs in
 # gpu-logs.tgz. bench/serve.py saves after every level, so a step cut short keeps what it measured.

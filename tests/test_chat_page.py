@@ -537,8 +537,9 @@ def test_english_dark_mode_phone_width_and_labels(page_server, open_page):
     )
     settings(page, temperature=0, max_tokens=5)
     answer = ask(page, "Hi", 0)
+    # (the decode speed is left out when all 5 tokens reached the page in one read: no time to divide by)
     assert re.fullmatch(
-        r"5 tokens · \d{1,3}(,\d{3})*\.\d tokens/s · first token in \d+\.\d\d s · context \d+/2,048",
+        r"5 tokens · (\d{1,3}(,\d{3})*\.\d tokens/s · )?first token in \d+\.\d\d s · context \d+/2,048",
         answer.locator(".stats").inner_text(),
     )
 

@@ -685,6 +685,44 @@ def test_decode_step_compiles_once_per_bucket_and_never_again(sharp_compilable):
                 torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
+def test_a_gpus_compiled_decode_compiles_once_for_every_bucket(sharp_compilable):
+    """The decoding pass as a GPU compiles it (server.compile_decode there): its rows and blocks dimensions
+    symbolic, the rows in one gather call, run from static buffers (graphs.py; here eagerly, on a GPU
+    captured) — one compile serves every bucket from 2 rows x 2 blocks on, powers of two or not, and every
+    pass equals the eager one."""
+    from ptserve.engine.graphs import DecodeGraphs
+
+    engine = Engine(sharp_compilable, 4096)
+    engine._one_call, engine._min_bucket = True, 2  # as on a GPU
+    engine._decode = torch.compile(engine._decode_step, fullgraph=True)
+    graphs = DecodeGraphs(engine._marked_decode, engine.device, capture=False)
+    gen = torch.Generator().manual_seed(4)
+    shared, own = engine.blocks.allocate(32), engine.blocks.allocate(64)
+    for t in engine.pool.keys + engine.pool.values:
+        t.normal_(generator=gen)
+
+    def inputs(rows: int, width: int):
+        lens = torch.randint(1, width * BS + 1, (rows,), generator=gen)
+        tables = torch.full((rows, width), NULL_BLOCK)
+        for r, n in enumerate(lens.tolist()):
+            picked = torch.randperm(len(shared), generator=gen)[: -(-n // BS)]
+            tables[r, : len(picked)] = torch.tensor(shared)[picked]
+            tables[r, len(picked) - 1] = own[r]  # the block its new token goes to: no two rows write one slot
+        positions = lens - 1
+        slots = tables.gather(1, (positions // BS).unsqueeze(1)).squeeze(1) * BS + positions % BS
+        ids = torch.randint(100, 30000, (rows,), generator=gen)
+        return ids, positions, slots, lens, tables
+
+    buckets = [(2, 2), (4, 2), (2, 4), (8, 4), (16, 8), (3, 5), (64, 2)]
+    with torch.inference_mode():
+        for k, (rows, width) in enumerate(buckets):
+            ids, positions, slots, lens, tables = inputs(rows, width)
+            with torch._dynamo.config.patch(error_on_recompile=k > 0):  # the first call compiles, no other
+                got = graphs(ids.tolist(), positions.tolist(), slots.tolist(), lens.tolist(), tables.tolist())
+            want = engine._decode_step(ids.unsqueeze(0), positions.unsqueeze(0), slots, tables, lens)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_compiled_decode_updates_the_pool_in_place(sharp_compilable):
     """A bucket's padded rows write a scratch block set aside for them, not the null block: re-zeroing
     that inside the compiled step made inductor copy each layer's whole pool at every pass (a loop over

@@ -239,10 +239,12 @@ class PagedBatch:
         return batch
 
     @classmethod
-    def decode(cls, pool: KVPool, slots, tables, lens, use_varlen: bool = False) -> PagedBatch:
+    def decode(cls, pool: KVPool, slots, tables, lens, use_varlen: bool = False, one_call: bool = False) -> PagedBatch:
         """A pass of rows with one new token each, from tensors only (traceable: `Engine._decode_step`
         is compiled). slots [B] long; tables [B, W] long (null-padded); lens [B] long: each row's tokens
-        with the new one."""
+        with the new one. `one_call`: every row in one gather + SDPA call (what `_groups` gives a GPU's rows
+        of equal width within its bounds, without a Python loop over the rows: B stays symbolic when
+        compiled for any number of rows)."""
         batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
         batch.single_lens = lens
         if use_varlen:
@@ -251,6 +253,8 @@ class PagedBatch:
             batch.seqused_k = lens.to(torch.int32)
             batch.block_table = tables.to(torch.int32)
             batch.max_q, batch.max_k = 1, tables.shape[1] * pool.block_size
+        elif one_call:
+            batch.groups = [(0, tables.shape[0], tables.shape[1])]
         else:  # the gather + SDPA calls, from shapes only
             batch.groups = _groups(slots.device, [tables.shape[1]] * tables.shape[0], pool.block_size)
         return batch

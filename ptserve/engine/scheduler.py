@@ -270,19 +270,29 @@ class Engine:
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(self.device, unmasked)
         paged.install(model)
         self._no_mask = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=self.device)
-        # Passes of decoding rows only, at bucketed shapes, compiled once per bucket (CUDA graphs on CUDA).
+        # Passes of decoding rows only, at bucketed shapes (padded rows on the scratch block). On a GPU the
+        # rows of such a pass share one gather + SDPA call (what `paged._groups` gives rows of equal width
+        # within the bound `_bucketed_decode` keeps), with no Python loop over them.
+        self._one_call = self.device.type == "cuda"
+        self._min_bucket = 1
         self._decode = None
-        if compile_decode:
-            mode = None
-            if self.device.type == "cuda":
-                mode = "reduce-overhead"  # CUDA graphs; the pool is updated in place, at fixed addresses
-                for store in self.pool.keys + self.pool.values:
-                    torch._dynamo.mark_static_address(store)
-            self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False, mode=mode)
+        if compile_decode and self.device.type == "cuda":
+            # inductor's kernels in ptserve's own CUDA graphs (below), not torch's graph trees (through the
+            # server they decoded at 93 ms a token, unexplained), compiled once for every bucket: rows and
+            # blocks are symbolic (`_marked_decode`), from 2 of each (1 would be specialized: a compile more)
+            self._decode = torch.compile(self._decode_step, fullgraph=True)
+            self._min_bucket = 2
+        elif compile_decode:  # on the CPU once per bucket, static shapes (the issue's proof of a graph-safe pass)
+            self._decode = torch.compile(self._decode_step, fullgraph=True, dynamic=False)
         self.vocab_size = cfg.vocab_size
         self._base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        # or replayed from CUDA graphs captured per bucket (graphs.py; on the CPU, the tests: static buffers)
-        self._graphs = self._start_graphs() if decode_graphs and not compile_decode else None
+        # replayed from CUDA graphs captured per bucket (graphs.py; on the CPU, the tests: static buffers), the
+        # eager pass or the compiled one on a GPU
+        self._graphs = None
+        if compile_decode and self.device.type == "cuda":
+            self._graphs = self._start_graphs(self._marked_decode)
+        elif decode_graphs and not compile_decode:
+            self._graphs = self._start_graphs(self._decode_step)
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
         self._held: deque[GenerationStream | _Row] = deque()  # taken off the queue, not yet admitted
         self._preempted: list[_Row] = []  # rows sent back to wait (their blocks freed), by admission order
@@ -355,13 +365,14 @@ class Engine:
 
     @property
     def decode_mode(self) -> str:
-        """How decoding passes run: "compiled", "from CUDA graphs", "from static buffers" (graphs' on the
-        CPU) or "eager"."""
-        if self._decode is not None:
-            return "compiled"
+        """How decoding passes run: "compiled", "from CUDA graphs", "compiled, from CUDA graphs", "from
+        static buffers" (graphs' on the CPU) or "eager"."""
+        graphs = None
         if self._graphs is not None:
-            return "from CUDA graphs" if self._graphs.capture else "from static buffers"
-        return "eager"
+            graphs = "from CUDA graphs" if self._graphs.capture else "from static buffers"
+        if self._decode is not None:
+            return f"compiled, {graphs}" if graphs else "compiled"
+        return graphs or "eager"
 
     @property
     def kv_reserved_tokens(self) -> int:
@@ -652,8 +663,8 @@ class Engine:
         paged.GPU_GATHER_TOKENS a layer for it (neither the varlen kernel nor the Triton one reads the
         pool in place): every row of a bucket reads its width."""
         bs, rows = self.block_size, len(plan)
-        width = _bucket(max(r.computed // bs + 1 for r, _ in plan))
-        size = _bucket(rows)
+        width = max(self._min_bucket, _bucket(max(r.computed // bs + 1 for r, _ in plan)))
+        size = max(self._min_bucket, _bucket(rows))
         gathered = self.device.type == "cuda" and not (self.use_varlen or self.pool.triton_decode)
         if gathered and size * width * bs > paged.GPU_GATHER_TOKENS:
             return None
@@ -683,19 +694,28 @@ class Engine:
     def _decode_step(self, input_ids, position_ids, slots, tables, lens) -> torch.Tensor:
         """One decoding pass from tensors only (what torch.compile traces): [1, B] ids and positions, [B]
         slots, [B, W] block tables, [B] lengths -> hidden states [B, H]."""
-        batch = PagedBatch.decode(self.pool, slots, tables, lens, self.use_varlen)
+        batch = PagedBatch.decode(self.pool, slots, tables, lens, self.use_varlen, self._one_call)
         return self._hidden(batch, input_ids, position_ids)[0]
 
-    def _start_graphs(self) -> DecodeGraphs | None:
-        """Decoding passes from static buffers (CUDA graphs on CUDA), once a pass of one padded row (it writes
-        and reads the scratch block only) is found to hold no host sync, and its graph, captured from one
-        token and replayed for another, gives the other's eager pass (a graph that missed the pass's kernels
-        would give the first's again); else None (eager passes), with a warning saying why."""
-        graphs = DecodeGraphs(self._decode_step, self.device, capture=self.device.type == "cuda")
-        slots, lens, tables = [self._scratch * self.block_size], [1], [[self._scratch]]
+    def _marked_decode(self, input_ids, position_ids, slots, tables, lens) -> torch.Tensor:
+        """The compiled decoding pass with its rows and blocks dimensions symbolic: one compile serves every
+        bucket (of 2 rows and 2 blocks or more)."""
+        for t, dim in ((input_ids, 1), (position_ids, 1), (slots, 0), (tables, 0), (tables, 1), (lens, 0)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        return self._decode(input_ids, position_ids, slots, tables, lens)
+
+    def _start_graphs(self, step) -> DecodeGraphs | None:
+        """Decoding passes of `step` from static buffers (CUDA graphs on CUDA), once a pass of padded rows
+        (they write and read the scratch block only) is found to hold no host sync, and its graph, captured
+        from one token and replayed for another, gives the other's eager pass (a graph that missed the
+        pass's kernels would give the first's again); else None (eager passes), with a warning saying why."""
+        graphs = DecodeGraphs(step, self.device, capture=self.device.type == "cuda")
+        n = self._min_bucket
+        slots, lens = [self._scratch * self.block_size] * n, [1] * n
+        tables = [[self._scratch] + [NULL_BLOCK] * (n - 1)] * n
 
         def tensors(token: int) -> list[torch.Tensor]:
-            return [torch.tensor(x, device=self.device) for x in ([[token]], [[0]], slots, tables, lens)]
+            return [torch.tensor(x, device=self.device) for x in ([[token] * n], [[0] * n], slots, tables, lens)]
 
         try:
             with torch.inference_mode():
@@ -704,7 +724,7 @@ class Engine:
                     found = ", ".join(sorted(set(syncs)))
                     logger.warning("decoding passes stay eager: a graph cannot hold their %s", found)
                     return None
-                replayed = [graphs([token], [0], slots, lens, tables) for token in (0, 1)][-1]
+                replayed = [graphs([token] * n, [0] * n, slots, lens, tables) for token in (0, 1)][-1]
                 if replayed is None:  # the capture failed (DecodeGraphs said why)
                     return None
                 agree = torch.allclose(replayed.float(), self._decode_step(*tensors(1)).float(), atol=2e-2, rtol=2e-2)
