@@ -20,6 +20,7 @@ from ptserve.engine.blocks import NULL_BLOCK, BlockManager, block_keys
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, NeverFits
 from ptserve.tinymodel import TinyShape, build
+from tests.decoding import RandomDecode, step_args
 
 BS = 16  # the engine's block size
 SHARPEN = 8.0  # queries, keys and lm_head scaled up: attention then depends on every key it reads
@@ -656,21 +657,10 @@ def test_decode_step_compiles_once_per_bucket_and_never_again(sharp_compilable):
     included) and, once each bucket of rows x blocks is compiled, 60 passes of other tokens, positions,
     block tables and lengths, switching buckets, never recompile, and equal the eager pass."""
     engine = Engine(sharp_compilable, 4096, compile_decode=True)  # not started: its decode step driven directly
-    gen = torch.Generator().manual_seed(3)
-    owned = engine.blocks.allocate(32)
-    for t in engine.pool.keys + engine.pool.values:
-        t.normal_(generator=gen)  # any finite keys and values
+    random_decode = RandomDecode(engine, seed=3)
 
     def inputs(rows: int, width: int):
-        lens = torch.randint(1, width * BS + 1, (rows,), generator=gen)
-        tables = torch.full((rows, width), NULL_BLOCK)
-        for r, n in enumerate(lens.tolist()):
-            picked = torch.randperm(len(owned), generator=gen)[: -(-n // BS)]
-            tables[r, : len(picked)] = torch.tensor(owned)[picked]
-        positions = lens - 1
-        slots = tables.gather(1, (positions // BS).unsqueeze(1)).squeeze(1) * BS + positions % BS
-        ids = torch.randint(100, 30000, (1, rows), generator=gen)
-        return ids, positions.unsqueeze(0), slots, tables, lens
+        return step_args(*random_decode(rows, width))
 
     buckets = [(4, 2), (1, 4), (8, 2)]
     with torch.inference_mode():
@@ -696,22 +686,7 @@ def test_a_gpus_compiled_decode_compiles_once_for_every_bucket(sharp_compilable)
     engine._one_call, engine._min_bucket = True, 2  # as on a GPU
     engine._decode = torch.compile(engine._decode_step, fullgraph=True)
     graphs = DecodeGraphs(engine._marked_decode, engine.device, capture=False)
-    gen = torch.Generator().manual_seed(4)
-    shared, own = engine.blocks.allocate(32), engine.blocks.allocate(64)
-    for t in engine.pool.keys + engine.pool.values:
-        t.normal_(generator=gen)
-
-    def inputs(rows: int, width: int):
-        lens = torch.randint(1, width * BS + 1, (rows,), generator=gen)
-        tables = torch.full((rows, width), NULL_BLOCK)
-        for r, n in enumerate(lens.tolist()):
-            picked = torch.randperm(len(shared), generator=gen)[: -(-n // BS)]
-            tables[r, : len(picked)] = torch.tensor(shared)[picked]
-            tables[r, len(picked) - 1] = own[r]  # the block its new token goes to: no two rows write one slot
-        positions = lens - 1
-        slots = tables.gather(1, (positions // BS).unsqueeze(1)).squeeze(1) * BS + positions % BS
-        ids = torch.randint(100, 30000, (rows,), generator=gen)
-        return ids, positions, slots, lens, tables
+    inputs = RandomDecode(engine, seed=4)
 
     buckets = [(2, 2), (4, 2), (2, 4), (8, 4), (16, 8), (3, 5), (64, 2)]
     with torch.inference_mode():
@@ -719,7 +694,7 @@ def test_a_gpus_compiled_decode_compiles_once_for_every_bucket(sharp_compilable)
             ids, positions, slots, lens, tables = inputs(rows, width)
             with torch._dynamo.config.patch(error_on_recompile=k > 0):  # the first call compiles, no other
                 got = graphs(ids.tolist(), positions.tolist(), slots.tolist(), lens.tolist(), tables.tolist())
-            want = engine._decode_step(ids.unsqueeze(0), positions.unsqueeze(0), slots, tables, lens)
+            want = engine._decode_step(*step_args(ids, positions, slots, lens, tables))
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

@@ -16,6 +16,8 @@ from ptserve.engine import paged, rmsnorm, rope
 from ptserve.engine.sampling import SamplingParams
 from ptserve.engine.scheduler import Engine, _has_varlen
 from ptserve.tinymodel import TinyShape, build
+from tests import decoding
+from tests.decoding import RandomDecode
 
 pytestmark = [
     pytest.mark.gpu,
@@ -99,35 +101,8 @@ def run(engine, jobs):
     return asyncio.run(scenario())
 
 
-class RandomDecode:
-    """Decoding passes' inputs on the host, any contents: rows of up to `width` blocks picked from 32 any
-    row reads, each row's last block (where its new token goes) its own, so no two rows write one slot;
-    the pool filled with random keys and values. (rows, width) -> ids, positions, slots, lens [B], tables
-    [B, W]."""
-
-    def __init__(self, engine: Engine, seed: int):
-        self.gen = torch.Generator().manual_seed(seed)
-        self.shared, self.own = engine.blocks.allocate(32), engine.blocks.allocate(64)
-        cuda_gen = torch.Generator("cuda").manual_seed(seed)
-        for t in engine.pool.keys + engine.pool.values:
-            t.normal_(generator=cuda_gen)
-
-    def __call__(self, rows: int, width: int):
-        lens = torch.randint(1, width * 16 + 1, (rows,), generator=self.gen)
-        tables = torch.zeros((rows, width), dtype=torch.long)
-        for r, n in enumerate(lens.tolist()):
-            picked = torch.randperm(len(self.shared), generator=self.gen)[: -(-n // 16)]
-            tables[r, : len(picked)] = torch.tensor(self.shared)[picked]
-            tables[r, len(picked) - 1] = self.own[r]
-        positions = lens - 1
-        slots = tables.gather(1, (positions // 16).unsqueeze(1)).squeeze(1) * 16 + positions % 16
-        ids = torch.randint(100, 30000, (rows,), generator=self.gen)
-        return ids, positions, slots, lens, tables
-
-
 def step_args(ids, positions, slots, lens, tables) -> list[torch.Tensor]:
-    """`Engine._decode_step`'s arguments on the GPU."""
-    return [t.to("cuda") for t in (ids.unsqueeze(0), positions.unsqueeze(0), slots, tables, lens)]
+    return decoding.step_args(ids, positions, slots, lens, tables, "cuda")
 
 
 def jobs_of(seed: int, shapes) -> list:
