@@ -291,12 +291,12 @@ def main() -> None:
                 if in_place:
                     row["gathered_ms"] = round(time_passes(engine._decode_step, inputs, args.passes, device), 2)
                 for group in ints(args.groups) if device.type == "cuda" else []:
-                    paged.GPU_GROUP = group
+                    paged.GPU_GROUP, engine._one_call = group, False  # (bucketed passes: one call on a GPU)
                     try:
                         ms = time_passes(engine._decode_step, inputs, args.passes, device)
                         row[f"groups_of_{group}_ms"] = round(ms, 2)
                     finally:
-                        paged.GPU_GROUP = None
+                        paged.GPU_GROUP, engine._one_call = None, engine.device.type == "cuda"
                 engine.pool.triton_decode = in_place
                 print(f"forward {rows} rows: {row}", flush=True)
             if "profile" in parts and rows in ints(args.profile):
