@@ -234,8 +234,9 @@ class PagedBatch:
             tables = torch.tensor([t + [NULL_BLOCK] * (width - len(t)) for t in single_tables], device=device)
             batch.single_tables = tables
             batch.single_lens = torch.tensor(single_lens, device=device)
-            batch.single_mask = _length_mask(batch.single_lens, width * bs)
-            batch.groups = _groups(device, [len(t) for t in single_tables], bs)
+            if not pool.triton_decode:  # the gather + SDPA calls (the Triton kernel reads lengths and tables)
+                batch.single_mask = _length_mask(batch.single_lens, width * bs)
+                batch.groups = _groups(device, [len(t) for t in single_tables], bs)
         return batch
 
     @classmethod
@@ -245,7 +246,7 @@ class PagedBatch:
         with the new one. `one_call`: every row in one gather + SDPA call (what `_groups` gives a GPU's rows
         of equal width within its bounds, without a Python loop over the rows: B stays symbolic when
         compiled for any number of rows)."""
-        batch = cls(pool, slots, None, tables, _length_mask(lens, tables.shape[1] * pool.block_size), [])
+        batch = cls(pool, slots, None, tables, None, [])
         batch.single_lens = lens
         if use_varlen:
             rows = tables.shape[0]
@@ -253,10 +254,10 @@ class PagedBatch:
             batch.seqused_k = lens.to(torch.int32)
             batch.block_table = tables.to(torch.int32)
             batch.max_q, batch.max_k = 1, tables.shape[1] * pool.block_size
-        elif one_call:
-            batch.groups = [(0, tables.shape[0], tables.shape[1])]
-        else:  # the gather + SDPA calls, from shapes only
-            batch.groups = _groups(slots.device, [tables.shape[1]] * tables.shape[0], pool.block_size)
+        elif not pool.triton_decode:  # the gather + SDPA calls, from shapes only
+            batch.single_mask = _length_mask(lens, tables.shape[1] * pool.block_size)
+            rows, width = tables.shape
+            batch.groups = [(0, rows, width)] if one_call else _groups(slots.device, [width] * rows, pool.block_size)
         return batch
 
 
@@ -473,7 +474,8 @@ def flash_chunks_work(device, dtype, kv_heads: int, heads: int, head_dim: int) -
         return False
     if torch.cuda.get_device_capability(device) < (8, 0):
         return False
-    try:
+
+    def compute():
         gen = torch.Generator(device=device).manual_seed(0)
         before, n, gqa = 37, 7, heads != kv_heads
         q = torch.randn((1, heads, n, head_dim), generator=gen, device=device, dtype=dtype)
@@ -481,14 +483,9 @@ def flash_chunks_work(device, dtype, kv_heads: int, heads: int, head_dim: int) -
         k, v = (torch.randn(shape, generator=gen, device=device, dtype=dtype).transpose(0, 1)[None] for _ in "kv")
         parts = (k[:, :, :before], v[:, :, :before], k[:, :, before:], v[:, :, before:])
         fast = _two_part(q, *parts, head_dim**-0.5, gqa, cuda_flash=True)
-        slow = _masked_chunk(q, *parts, head_dim**-0.5, gqa)
-        agree = torch.allclose(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
-    except Exception as exc:  # the kernel refused: say why, keep the masked call
-        logger.warning("FlashAttention's kernel is unusable for prompt chunks here (%s): one masked call", exc)
-        return False
-    if not agree:
-        logger.warning("FlashAttention's two-call chunk attention disagrees with the masked call: one masked call")
-    return agree
+        return fast, _masked_chunk(q, *parts, head_dim**-0.5, gqa)
+
+    return agrees(compute, "FlashAttention's two-call chunk attention", "the masked call", "one masked call")
 
 
 def varlen_works(device, dtype, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:
@@ -499,7 +496,8 @@ def varlen_works(device, dtype, block_size: int, kv_heads: int, heads: int, head
     if torch.cuda.get_device_capability(device) < (8, 0):  # FlashAttention 2 wants Ampere or newer
         logger.info("FlashAttention's varlen kernel needs compute capability 8.0: SDPA over gathered blocks")
         return False
-    try:
+
+    def compute():
         pool = KVPool(1, 4, block_size, kv_heads, head_dim, dtype, device)
         gen = torch.Generator(device=device).manual_seed(0)
         for store in pool.keys + pool.values:
@@ -513,10 +511,20 @@ def varlen_works(device, dtype, block_size: int, kv_heads: int, heads: int, head
         scale = head_dim**-0.5
         fast, _ = paged_attention(layer, q, k, v, None, scale, paged=PagedBatch.build(pool, rows, True))
         slow, _ = paged_attention(layer, q, k, v, None, scale, paged=PagedBatch.build(pool, rows, False))
+        return fast, slow
+
+    return agrees(compute, "FlashAttention's varlen kernel", "SDPA", "SDPA over gathered blocks")
+
+
+def agrees(compute, what: str, reference: str, instead: str) -> bool:
+    """A start-up check: whether `compute()` -> (fast, reference's) runs here and the two agree at bf16's
+    tolerance; else False, with a warning saying why `what` is not used and what is (`instead`)."""
+    try:
+        fast, slow = compute()
         agree = torch.allclose(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
-    except Exception as exc:  # the kernel refused: say why, serve on the SDPA path
-        logger.warning("FlashAttention's varlen kernel is unusable here (%s): SDPA over gathered blocks", exc)
+    except Exception as exc:  # the kernel refused (an older GPU, a torch or Triton without it): say why
+        logger.warning("%s is unusable here (%s): %s", what, exc, instead)
         return False
     if not agree:
-        logger.warning("FlashAttention's varlen kernel disagrees with SDPA here: SDPA over gathered blocks")
+        logger.warning("%s disagrees with %s here: %s", what, reference, instead)
     return agree

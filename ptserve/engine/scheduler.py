@@ -679,10 +679,8 @@ class Engine:
         lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
         if self._graphs is not None:
             hidden = self._graphs(ids, positions, slots, lens, tables)
-            if hidden is None:  # a capture failed: eager passes from now on (DecodeGraphs said why)
-                self._graphs = None
-                if self.device.type == "cuda":
-                    self._decode = None  # (not compiled without its graphs: fresh tensors would recompile)
+            if hidden is None:  # a capture failed (only on a GPU; DecodeGraphs said why): eager passes from now
+                self._graphs = self._decode = None  # on (compiled without its graphs, fresh tensors would recompile)
                 return None
             return hidden[:rows]
         device = self.device
