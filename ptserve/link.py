@@ -49,6 +49,12 @@ class WorkerLink:
         with self._lock:
             if self._thread is None:
                 exit_with_parent()  # first call in this (forked) process
+                # the workers' state before the request that started the link is answered: the thread looks
+                # later (a first request right after start-up was refused as "still loading")
+                try:
+                    self.refresh()
+                except Exception:
+                    logger.exception("reading the workers' state failed")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="ptserve-worker-link", daemon=True)
                 self._thread.start()

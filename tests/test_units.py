@@ -296,3 +296,22 @@ def test_streamed_lines_stay_one_line_for_python_line_readers():
         data = [p for p in parts if p][-1].removeprefix("data: ")
         assert json.loads(data)["t"] == text, name
         assert "é" in data  # other text is kept as UTF-8, not escaped
+
+
+def test_the_first_request_sees_the_workers_state():
+    """The HTTP process reads the workers' state when its first request starts the link, before answering
+    it: the link's thread looks later, and a first request right after start-up (no /health call before it)
+    was refused as "still loading"."""
+    import time
+
+    from ptserve.link import WorkerLink
+
+    class Status(dict):  # LitServe's setup status: a manager's dict, read over a socket
+        def values(self):
+            time.sleep(0.05)
+            return super().values()
+
+    link = WorkerLink(Status({"worker-0": "ready"}), None)
+    assert (link.any_ready, link.state) == (False, WorkerLink.LOADING)
+    link.start()
+    assert (link.any_ready, link.state) == (True, WorkerLink.READY)
