@@ -24,7 +24,8 @@ For each number of rows B (--levels):
   compiled decode called from the engine's thread as in the server;
 - `graphs` (--graphs B,...): decoding passes replayed from CUDA graphs (server.cuda_graphs, graphs.py) at B
   rows of --context tokens: the capture's time, ms a pass (inputs packed and copied in, the replay), then the
-  `engine` measurement with them (on a CPU: the same static buffers run eagerly).
+  `engine` measurement with them (on a CPU: the same static buffers run eagerly), each pass launched before
+  the last one's tokens are read (server.async_scheduling), then (`engine_stepwise`) read one by one.
 --parts picks them (bench/gpu.sh runs `engine-compiled` in a process of its own: a compile per process).
 
 A random-weight model of the --shape (bench/serve.py's shapes) is made in memory (the server's dtype):
@@ -199,9 +200,11 @@ def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, re
 class Phases:
     """Host time of the engine's step phases (wall clock on its thread, per pass): `_pass` launches the
     forward (on a GPU it returns before the GPU is done), `_sample` reads the sampled ids back (there the
-    host waits for the GPU), `_advance` is sampling plus handing tokens to the streams."""
+    host waits for the GPU), `_advance` is sampling plus handing tokens to the streams; with passes launched
+    ahead, `_land` reads a pass's tokens (waiting for that pass, not the one launched after it) and hands
+    them out, inside `_run`."""
 
-    NAMES = ("_schedule", "_run", "_pass", "_advance", "_sample", "_retire")
+    NAMES = ("_schedule", "_run", "_pass", "_advance", "_sample", "_land", "_retire")
 
     def __init__(self, engine: Engine):
         self.engine, self.totals, self.counts = engine, dict.fromkeys(self.NAMES, 0.0), dict.fromkeys(self.NAMES, 0)
@@ -355,7 +358,7 @@ def main() -> None:
 
 
 def replay_graphs(model, levels: list[int], budget: int, args, gen: torch.Generator, report: dict) -> dict:
-    engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True)
+    engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True, async_decode=True)
     runs: dict = {"decode_mode": engine.decode_mode}
     print(f"graphs: decoding passes {engine.decode_mode}", flush=True)
     if engine._graphs is None:  # the start-up check said why (logged)
@@ -374,7 +377,12 @@ def replay_graphs(model, levels: list[int], budget: int, args, gen: torch.Genera
         print(f"graphs {rows} rows: {runs[rows]}", flush=True)
         engine.blocks.release(owned)
         write_json(report, args.out)
+    # the engine's loop with them: passes launched ahead of reading the last one's tokens (the server's
+    # default, server.async_scheduling), then read one by one
     runs["engine"] = run_engine(engine, levels, args, gen, report)
+    stepwise = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True)
+    del engine  # (its pool)
+    runs["engine_stepwise"] = run_engine(stepwise, levels, args, gen, report)
     return runs
 
 

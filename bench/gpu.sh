@@ -7,7 +7,8 @@
 # graphs, none and tests, and engine as far as it gets: the rest need a call of their own,
 # STEPS="engine 4bit eager ..."):
 #     graphs    bench/engine_step.py --parts graphs: decoding passes replayed from CUDA graphs (the server's
-#               default), their capture and pass times at 1/16/64 rows, then the engine's loop with them
+#               default), their capture and pass times at 1/16/64 rows, then the engine's loop with them,
+#               each pass launched before the last one's tokens are read (server.async_scheduling), then not
 #     engine    bench/engine_step.py: the engine alone, where a decoding pass's time goes (a profile, the
 #               rows' grouping for SDPA, prefill chunks, the engine loop's phases, the compiled decode)
 #     engine-compiled  the engine's loop with the compiled decode (in ptserve's CUDA graphs) at ENGINE_COMPILED
@@ -17,6 +18,7 @@
 #     none      bench/serve.py on a random-weight model of Phi-3.5-mini's exact shape (7.64 GB in bf16, built
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
 #     eager     the same with server.cuda_graphs off (eager decoding passes)
+#     stepwise  the same with server.async_scheduling off (graphs, each pass's tokens read before the next)
 #     4bit      the same, bitsandbytes-quantized at load (8bit likewise, last)
 #     compiled  the same as none with server.compile_decode (inductor's pass compiled once at start, in
 #               ptserve's CUDA graphs) at COMPILED_LEVELS
@@ -89,7 +91,7 @@ run() {
 }
 
 logs_compile=perf_hints,recompiles,+torch._inductor.cudagraph_trees  # why graphs are skipped or re-recorded
-for step in ${STEPS:-graphs none tests engine 4bit eager multiturn engine-compiled compiled 8bit}; do
+for step in ${STEPS:-graphs none tests engine 4bit eager stepwise multiturn engine-compiled compiled 8bit}; do
     case $step in
         graphs) run graphs 120 "python3 bench/engine_step.py --shape $shape --parts graphs \
             --out $dest/gpu-$card-graphs.json" ;;
@@ -103,6 +105,8 @@ for step in ${STEPS:-graphs none tests engine 4bit eager multiturn engine-compil
             --out $dest/gpu-$card-$step.json" ;;
         eager) run eager 200 "PTSERVE_SERVER_CUDA_GRAPHS=false $serve --levels ${LEVELS:-1,16,64} \
             --quantization none --out $dest/gpu-$card-eager.json" ;;
+        stepwise) run stepwise 200 "PTSERVE_SERVER_ASYNC_SCHEDULING=false $serve --levels ${LEVELS:-1,16,64} \
+            --quantization none --out $dest/gpu-$card-stepwise.json" ;;
         compiled) run compiled 180 "TORCH_LOGS=$logs_compile PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \
             --quantization none --out $dest/gpu-$card-compiled.json" ;;
         multiturn) run multiturn 150 "python3 bench/multiturn.py --shape $shape --servers ptserve,ptserve-nocache \

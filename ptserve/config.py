@@ -99,6 +99,7 @@ class ServerSettings(_Section):
     prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before (system prompt, earlier turns)
     compile_decode: bool = False  # decoding passes through torch.compile at bucketed shapes (CUDA graphs on CUDA)
     cuda_graphs: bool = True  # on a GPU, decoding passes replayed from CUDA graphs (eager ones on the CPU)
+    async_scheduling: bool = True  # on a GPU with cuda_graphs, a decoding pass launched before the last one is read
     prefill_chunk_tokens: int | None = Field(None, ge=16)  # prompt tokens a pass; None: the engine picks by device
 
     @field_validator("host")

@@ -93,6 +93,7 @@ class Worker:
                 prefix_caching=server.prefix_caching,
                 compile_decode=server.compile_decode,
                 decode_graphs=server.cuda_graphs and loaded.device.type == "cuda",
+                async_decode=server.async_scheduling and loaded.device.type == "cuda",
                 prefill_chunk=server.prefill_chunk_tokens,  # None: the engine's choice for its device
             )
             return loaded, engine

@@ -805,6 +805,132 @@ def test_a_pass_that_waits_for_the_device_stays_eager(sharp, monkeypatch, caplog
     assert (len(tokens), finish) == (3, "length")
 
 
+def ahead_engine(model, **kw) -> tuple[Engine, list[int]]:
+    """An engine with async decoding (`server.async_scheduling`: on a GPU its passes are launched before the
+    last one's tokens are read; here, from static buffers, the same order run eagerly) and a count of the
+    passes it launched that way."""
+    engine = Engine(model, 4096, decode_graphs=True, async_decode=True, **kw)
+    launched = [0]
+    ahead = engine._run_ahead
+
+    def counting(plan):
+        launched[0] += 1
+        return ahead(plan)
+
+    engine._run_ahead = counting
+    return engine, launched
+
+
+def first_new(tokens: list[int], at: int) -> int:
+    """The first token from index `at` on that does not occur before it (a stop id that stops exactly there)."""
+    return next(t for i, t in enumerate(tokens) if i >= at and t not in tokens[:i])
+
+
+def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
+    """Decoding passes launched before the previous pass's tokens are read give every request the tokens
+    and finish of passes read one by one, while requests arrive mid-generation (a prefill pass reads first)
+    and leave by length or a stop id (the pass launched ahead computed one token more for it, dropped),
+    rows sample greedily and seeded (top_k, top_p, min_p) side by side, and rows that need each token
+    first (logprobs, min_tokens not reached) run beside them; every block comes back."""
+    ids = prompts(20, 27, 35, 18, 41, 30)
+    stepwise = Engine(sharp, 4096, decode_graphs=True).start()
+    try:
+        [(plain, _, _, _), (early, _, _, _)] = run(stepwise, [(ids[4], greedy(30)), (ids[5], greedy(20))])
+        jobs = [
+            (ids[0], greedy(24)),
+            (ids[1], greedy(12, logprobs=0)),  # its passes read each token first
+            (ids[2], SamplingParams(30, temperature=0.9, top_k=40, top_p=0.9, seed=3)),
+            (ids[3], SamplingParams(20, temperature=1.0, min_p=0.05, seed=5)),
+            (ids[4], greedy(30, stop_token_ids=(first_new(plain, 6),))),  # stops at its 7th token
+            (ids[5], greedy(20, min_tokens=4, stop_token_ids=(first_new(early, 1),))),  # banned until 4
+        ]
+        want = [r[:3] for r in run(stepwise, jobs, stagger=0.03)]
+    finally:
+        stepwise.shutdown()
+    engine, launched = ahead_engine(sharp)
+    assert engine.decode_mode == "from static buffers, launched a pass ahead"
+    late, emit = [], engine._emit
+
+    def emitting(row, token, logprob=None):
+        if row.finish is not None:
+            late.append(token)  # a token handed out after its row finished
+        emit(row, token, logprob)
+
+    engine._emit = emitting
+    engine.start()
+    try:
+        got = [r[:3] for r in run(engine, jobs, stagger=0.03)]
+        settle(engine)
+    finally:
+        engine.shutdown()
+    assert [(t, f) for t, _, f in got] == [(t, f) for t, _, f in want]
+    assert [len(t) for t, _, _ in got] == [24, 12, 30, 20, 7, len(want[5][0])]
+    assert late == []
+    assert got[1][1] == pytest.approx(want[1][1], abs=ATOL)
+    assert launched[0] > 10  # (how many depends on when the others arrive and leave)
+    assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)
+
+
+def test_async_decoding_caches_the_block_its_last_read_token_completes(sharp):
+    """A block completed by a token still in flight when its pass was planned is offered to the prefix
+    cache once the token is read: turn 2 of a conversation finds the same cached blocks as without async
+    decoding (57 prompt tokens and 7 computed answer tokens: 4 full blocks, the last completed by an
+    answer token)."""
+    first, more = prompts(57, 30)
+    outputs = {}
+    for ahead in (False, True):
+        engine = Engine(sharp, 4096, decode_graphs=True, async_decode=ahead).start()
+        try:
+            [(answer, _, _, _)] = run(engine, [(first, greedy(8))])
+            [(tokens, _, _, s2)] = run(engine, [(first + answer + more, greedy(8))])
+        finally:
+            engine.shutdown()
+        outputs[ahead] = (answer, tokens, s2.cached_tokens)
+    assert outputs[True] == outputs[False] and outputs[True][2] == 64
+
+
+def test_async_decoding_cancels_and_preempts_as_passes_read_one_by_one(sharp):
+    """A request cancelled mid-generation leaves at once, its blocks freed while the pass launched ahead
+    for it is dropped; a pool too small for every row to grow lands the pass in flight before preempting
+    (a preempted row is recomputed from tokens all read): outputs equal each request alone."""
+    ids = prompts(40, 60)
+    engine, _ = ahead_engine(sharp, prefix_caching=False)
+    engine.start()
+    try:
+
+        async def scenario():
+            long = engine.submit(ids[0], greedy(2000))
+            short = engine.submit(ids[1], greedy(3))
+            async for _ in long:
+                long.cancel()
+            return await collect(short)
+
+        tokens, _, finish = asyncio.run(scenario())
+        settle(engine)
+    finally:
+        engine.shutdown()
+    assert (len(tokens), finish) == (3, "length")
+    assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)
+
+    ids = prompts(20, 24, 28, 33)
+    jobs = [(p, greedy(40)) for p in ids[:2]] + [(p, SamplingParams(40, temperature=1.0, seed=7)) for p in ids[2:]]
+    alone = Engine(sharp, 4096).start()
+    try:
+        want = [run(alone, [job])[0][:3] for job in jobs]
+    finally:
+        alone.shutdown()
+    engine, launched = ahead_engine(sharp, kv_budget_bytes=13 * alone.bytes_per_block, prefix_caching=False)
+    engine.start()
+    try:
+        got = [r[:3] for r in run(engine, jobs)]
+        settle(engine)
+    finally:
+        engine.shutdown()
+    assert engine.preemptions > 0 and launched[0] > 0
+    assert [(t, f) for t, _, f in got] == [(t, f) for t, _, f in want]
+    assert (engine._inflight, engine.blocks.used) == (None, 0)
+
+
 @pytest.fixture
 def triton_interpreter():
     """Triton's interpreter on the CPU (float32: it has no bf16) for the kernel CUDA runs compiled (conftest.py

@@ -2,8 +2,9 @@
 CPU never takes. FlashAttention's variable-length kernel reading the KV pool through block tables gives
 what the CPU path (gathered blocks, SDPA) gives, for decoding rows, prompt chunks and cached prefixes in
 one pass; the engine answers the same either way; decoding passes replayed from CUDA graphs equal eager
-ones; the Triton decode kernel and fused RMSNorm equal what they replace; the compiled decoding pass
-(compiled once, in ptserve's CUDA graphs) equals the eager one and never recompiles."""
+ones, and launched ahead of reading the last one's tokens give the same; the Triton decode kernel and
+fused RMSNorm equal what they replace; the compiled decoding pass (compiled once, in ptserve's CUDA
+graphs) equals the eager one and never recompiles."""
 
 from __future__ import annotations
 
@@ -157,6 +158,43 @@ def test_cuda_graphs_answer_as_eager_passes(cuda_model):
         engine.shutdown()
     assert len(engine._graphs.buckets) >= 4  # the start-up check's, then 3, 2 and 1 rows
     assert_alike(answers, answers_of(cuda_model, jobs))
+
+
+def test_passes_launched_ahead_answer_as_passes_read_one_by_one(cuda_model):
+    """Async decoding (server.async_scheduling, on by default with CUDA graphs): passes launched before the
+    last pass's tokens are read back, their input ids taken from those on the GPU, give the tokens of
+    passes read one by one (the same graphs: the same bits), for greedy and seeded rows, rows leaving by
+    length and by a stop id (the token computed ahead for it dropped)."""
+    gen = torch.Generator().manual_seed(3)
+    ids = [torch.randint(100, 30000, (n,), generator=gen).tolist() for n in (20, 45, 70, 33)]
+    jobs = [
+        (ids[0], SamplingParams(24, temperature=0.0)),
+        (ids[1], SamplingParams(12, temperature=0.0)),
+        (ids[2], SamplingParams(30, temperature=0.9, top_p=0.9, top_k=50, seed=4)),
+    ]
+
+    def answers(ahead: bool, jobs):
+        engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, decode_graphs=True, async_decode=ahead)
+        launched, run_ahead = [0], engine._run_ahead
+
+        def counting(plan):
+            launched[0] += 1
+            run_ahead(plan)
+
+        engine._run_ahead = counting
+        engine.start()
+        try:
+            return [tokens for tokens, _ in run(engine, jobs)], launched[0], engine.decode_mode
+        finally:
+            engine.shutdown()
+
+    [first, *_], _, _ = answers(False, jobs)
+    stop = next(t for i, t in enumerate(first) if i >= 5 and t not in first[:i])
+    jobs.append((ids[0], SamplingParams(24, temperature=0.0, stop_token_ids=(stop,))))
+    want, none, _ = answers(False, jobs)
+    got, launched, mode = answers(True, jobs)
+    assert (none, mode) == (0, "from CUDA graphs, launched a pass ahead") and launched > 20
+    assert got == want and len(got[3]) == first.index(stop) + 1
 
 
 def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):

@@ -87,6 +87,16 @@ def _crosses(source: torch.Tensor, dest: torch.Tensor) -> bool:
     return (source.device.type == "cpu") != (dest.device.type == "cpu")
 
 
+def on_device(values: list, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small host list as a tensor on `device`; on CUDA copied from pinned memory, so that the host does
+    not wait for the device's queued work (a copy from pageable memory does: `torch.tensor(values,
+    device=...)` waits for the pass before it to finish)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def host_syncs(fn: Callable, *args) -> list[str]:
     """The operations of `fn(*args)` (run once, for real) that wait for the device or move data between it
     and the host: what a CUDA graph cannot capture. Empty when the pass can be a graph."""
@@ -97,8 +107,9 @@ def host_syncs(fn: Callable, *args) -> list[str]:
 
 @dataclass
 class _Bucket:
-    inputs: torch.Tensor  # [4 B + B W] long on the device: ids, positions, slots, lengths, block tables
+    inputs: torch.Tensor  # [5 B + B W] long on the device: ids, positions, slots, lengths, sources, block tables
     views: tuple  # the step's arguments, views of `inputs`
+    sources: torch.Tensor  # [B] where each row's input id comes from in a call's `feed` (-1: the ids given)
     output: torch.Tensor | None = None  # the pass's hidden states [B, H], overwritten by every call
     graph: object | None = None  # torch.cuda.CUDAGraph
 
@@ -123,11 +134,19 @@ class DecodeGraphs:
         self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if capture else None
 
     def __call__(
-        self, ids: list[int], positions: list[int], slots: list[int], lens: list[int], tables: list[list[int]]
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        lens: list[int],
+        tables: list[list[int]],
+        feed: tuple[torch.Tensor, list[int]] | None = None,
     ):
         """Hidden states [B, H] of a pass over B rows with tables of W blocks each (B and W: the bucket), in a
         tensor the next call overwrites; None once a capture has failed (the caller runs an eager pass: the
-        keys and values this call may have written are the same)."""
+        keys and values this call may have written are the same). `feed`: (tokens on the device, for each
+        row the index of its input id there or -1), for ids not yet read back (async decoding): they are
+        gathered on the device after the copy, outside the graph."""
         if self.failed is not None:
             return None
         key = (len(ids), len(tables[0]))
@@ -135,7 +154,12 @@ class DecodeGraphs:
         fresh = bucket is None
         if fresh:
             bucket = self._bucket(*key)
-        self._load(bucket, [*ids, *positions, *slots, *lens, *(b for t in tables for b in t)])
+        sources = feed[1] if feed is not None else [-1] * len(ids)
+        self._load(bucket, [*ids, *positions, *slots, *lens, *sources, *(b for t in tables for b in t)])
+        if feed is not None:
+            given = bucket.views[0].view(-1)
+            fed = feed[0][bucket.sources.clamp(min=0)]
+            given.copy_(torch.where(bucket.sources >= 0, fed, given))
         if not self.capture:
             out = self.step(*bucket.views)
             if bucket.output is None:
@@ -161,9 +185,10 @@ class DecodeGraphs:
         return bucket.output
 
     def _bucket(self, rows: int, width: int) -> _Bucket:
-        inputs = torch.zeros(4 * rows + rows * width, dtype=torch.long, device=self.device)
-        ids, positions, slots, lens, tables = inputs.split([rows, rows, rows, rows, rows * width])
-        return _Bucket(inputs, (ids.view(1, rows), positions.view(1, rows), slots, tables.view(rows, width), lens))
+        inputs = torch.zeros(5 * rows + rows * width, dtype=torch.long, device=self.device)
+        ids, positions, slots, lens, sources, tables = inputs.split([rows, rows, rows, rows, rows, rows * width])
+        views = (ids.view(1, rows), positions.view(1, rows), slots, tables.view(rows, width), lens)
+        return _Bucket(inputs, views, sources)
 
     def _load(self, bucket: _Bucket, values: list[int]) -> None:
         """One host-to-device copy of the pass's inputs (from pinned memory on CUDA: it does not wait)."""

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ptserve.engine.blocks import NULL_BLOCK
+from ptserve.engine.graphs import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class KVPool:
     def zero(self, blocks: list[int]) -> None:
         """Zero blocks whose memory was never written (it may hold NaNs, which a masked read would spread)."""
         if blocks:
-            index = torch.tensor(blocks, device=self.device)
+            index = on_device(blocks, self.device)  # (a decoding pass launched ahead does not wait here)
             for t in self.keys + self.values:
                 t.index_fill_(0, index, 0)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ptserve.engine.grammar import GrammarBackend, Matcher, apply_bitmask
+from ptserve.engine.graphs import on_device
 
 GREEDY_BELOW = 1e-5  # temperatures under this are treated as 0 (argmax), as OpenAI does for temperature 0
 
@@ -136,7 +137,7 @@ def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def top_k_filter(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Keep each row's k largest logits (k <= 0: keep all). logits: [B, V]."""
     vocab = logits.shape[-1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+    ks = on_device([k if 0 < k < vocab else vocab for k in top_k], logits.device)
     kth = logits.sort(dim=-1, descending=True).values.gather(-1, (ks - 1).unsqueeze(-1))  # [B, 1]
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -188,7 +189,8 @@ def sample(
     if logits.device.type == "cuda":  # from pinned memory: the copy does not wait for the pass to finish
         settings = settings.pin_memory().to(logits.device, non_blocking=True)
     every = out is None  # every row samples: no row index to send
-    scaled = (logits if every else logits[rows]) / settings[:, 0].float().unsqueeze(-1)
+    index = None if every else on_device(rows, logits.device)
+    scaled = (logits if every else logits.index_select(0, index)) / settings[:, 0].float().unsqueeze(-1)
     if any(params[i].top_k > 0 for i in rows):
         scaled = top_k_filter(scaled, [params[i].top_k for i in rows])
     probs = torch.softmax(scaled, dim=-1)
@@ -200,8 +202,7 @@ def sample(
     drawn = draw(probs, settings[:, 3])
     if every:
         return drawn
-    out[rows] = drawn
-    return out
+    return out.index_copy_(0, index, drawn)
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -253,6 +254,29 @@ def next_tokens(
     """One decoding step for a batch: logits [B, V] -> (token ids, logprobs where asked), and each row's
     history (and grammar) updated. Ids from `vocab_limit` on are never drawn (Phi-3.5's embedding has
     53 padding rows past its 32,011 tokens: they have no text); logprobs stay the model's own."""
+    tokens_t = choose(logits, states, grammars, vocab_limit)
+    tokens = tokens_t.tolist()
+    logprobs: list[TokenLogprob | None] = [None] * len(states)
+    asked = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    if asked:
+        top = max(states[i].params.logprobs for i in asked)
+        found = logprobs_of(logits[asked], tokens_t[asked], top)
+        for i, lp in zip(asked, found, strict=True):
+            logprobs[i] = TokenLogprob(lp.logprob, lp.top[: states[i].params.logprobs])
+    for s, t in zip(states, tokens, strict=True):
+        s.record(t)
+    return tokens, logprobs
+
+
+def choose(
+    logits: torch.Tensor,
+    states: list[RowState],
+    grammars: GrammarBackend | None = None,
+    vocab_limit: int | None = None,
+) -> torch.Tensor:
+    """The batch's next token ids [B], left on the logits' device: nothing here waits for the device (on a
+    GPU the host may go on to launch the next pass before they are read). The rows' histories are not
+    updated: `RowState.record` each token once read (`next_tokens` does both)."""
     raw = logits
     logits = logits.float()
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
@@ -262,15 +286,4 @@ def next_tokens(
         logits = apply_penalties(logits.clone() if logits is raw else logits, states)
     if grammars is not None and any(s.matcher is not None for s in states):
         logits = apply_grammars(logits.clone() if logits is raw else logits, states, grammars)
-    tokens_t = sample(logits, [s.params for s in states], [s.generator for s in states])
-    tokens = tokens_t.tolist()
-    logprobs: list[TokenLogprob | None] = [None] * len(states)
-    asked = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-    if asked:
-        top = max(states[i].params.logprobs for i in asked)
-        found = logprobs_of(raw[asked], tokens_t[asked], top)
-        for i, lp in zip(asked, found, strict=True):
-            logprobs[i] = TokenLogprob(lp.logprob, lp.top[: states[i].params.logprobs])
-    for s, t in zip(states, tokens, strict=True):
-        s.record(t)
-    return tokens, logprobs
+    return sample(logits, [s.params for s in states], [s.generator for s in states])

@@ -55,7 +55,7 @@ from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.graphs import DecodeGraphs, host_syncs
 from ptserve.engine.hostmem import keep_freed_memory, release_host_memory
 from ptserve.engine.paged import KVPool, PagedBatch
-from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, logprobs_of, next_tokens
+from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, choose, logprobs_of, next_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class _Row:
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its full blocks, as far as computed
     offered: int = 0  # blocks [0, offered) have been offered to the prefix cache
     decoding: bool = False  # it has sampled since it was (re)admitted
+    ahead: int = 0  # tokens sampled by passes in flight, not yet read (async decoding: `Engine._run_ahead`)
     scoring: bool = False  # its prompt's log-probabilities are asked and not yet published
     finish: str | None = None
     scored: list[TokenLogprob | None] = field(default_factory=list)  # prompt logprobs so far
@@ -222,6 +223,7 @@ class Engine:
         prefix_caching: bool = True,
         compile_decode: bool = False,
         decode_graphs: bool = False,
+        async_decode: bool = False,
     ):
         self.model = model
         self.grammars = grammars
@@ -295,6 +297,11 @@ class Engine:
                 self._decode = None
         elif decode_graphs and not compile_decode:
             self._graphs = self._start_graphs(self._decode_step)
+        # Async decoding (`_run_ahead`): a decoding pass is launched before the previous one's tokens are read,
+        # its input ids taken from those on the device, so that on a GPU the host's work of a step (reading and
+        # handing out tokens, scheduling, launching) overlaps the device's pass instead of alternating with it.
+        self._ahead = async_decode and self._graphs is not None
+        self._inflight: _Flight | None = None  # the pass whose tokens are not yet read
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
         self._held: deque[GenerationStream | _Row] = deque()  # taken off the queue, not yet admitted
         self._preempted: list[_Row] = []  # rows sent back to wait (their blocks freed), by admission order
@@ -373,8 +380,10 @@ class Engine:
         if self._graphs is not None:
             graphs = "from CUDA graphs" if self._graphs.capture else "from static buffers"
         if self._decode is not None:
-            return f"compiled, {graphs}" if graphs else "compiled"
-        return graphs or "eager"
+            mode = f"compiled, {graphs}" if graphs else "compiled"
+        else:
+            mode = graphs or "eager"
+        return f"{mode}, launched a pass ahead" if self._ahead else mode
 
     @property
     def kv_reserved_tokens(self) -> int:
@@ -385,7 +394,7 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                idle = not (self._rows or self._held or self._preempted)
+                idle = not (self._rows or self._held or self._preempted or self._inflight)
                 # idle with memory to give back: wait IDLE_RELEASE_S for work first, then give it back
                 arrived = self._take_arrivals(block=idle, timeout=IDLE_RELEASE_S if idle and self._busy else None)
                 if arrived is None:
@@ -396,9 +405,14 @@ class Engine:
                     break
                 self._busy = True
                 with torch.inference_mode():
+                    if self._inflight is not None and not self._continues():
+                        self._land()  # what comes next needs the tokens on the host
+                        self._retire()
                     plan = self._schedule()
                     if plan:
                         self._run(plan)
+                    elif self._inflight is not None:  # every row's last token was in flight
+                        self._land()
                     self._retire()
         except BaseException as exc:
             self._die(exc)
@@ -457,10 +471,10 @@ class Engine:
                 row.blocks = []
             if row.finish is not None:
                 continue
-            pending = len(row.tokens) - row.computed
+            pending = len(row.tokens) + row.ahead - row.computed
             n = 1 if pending == 1 else min(pending, prefill_budget)
-            if n == 0:
-                continue
+            if n == 0 or (row.ahead and row.generated + row.ahead >= row.budget):
+                continue  # (its last token is in flight: nothing more to compute)
             while not self._grow(row, row.computed + n):
                 victim = next(r for r in reversed(self._rows) if r.finish is None)
                 self._preempt(victim)
@@ -576,19 +590,20 @@ class Engine:
         self._preempted.append(row)
         self._preempted.sort(key=lambda r: r.order)
 
-    def _offer(self, row: _Row, n: int) -> None:
+    def _offer(self, row: _Row, n: int, now: bool = True) -> None:
         """Publish the blocks that `row`'s next `n` tokens fill to the prefix cache, as soon as the row is
         planned: a row planned after it in the same pass may read them (every key of a pass is written
-        before any row attends)."""
+        before any row attends). Only blocks whose tokens are all known on the host: one completed by a
+        token in flight is published when that token is read (`_land`; `now` False: not this pass's)."""
         bs = self.block_size
-        full = (row.computed + n) // bs
+        full = min((row.computed + n) // bs, len(row.tokens) // bs)
         if not self.blocks.prefix_caching or full <= row.offered:
             return
         if len(row.keys) < full:
             start = row.keys[-1] if row.keys else ROOT_KEY
             row.keys += block_keys(row.tokens[: full * bs], bs, start, len(row.keys))
         for b in range(row.offered, full):
-            if self.blocks.register(row.blocks[b], row.keys[b]):
+            if self.blocks.register(row.blocks[b], row.keys[b]) and now:
                 self._offered_now.add(row.blocks[b])
         row.offered = full
 
@@ -597,6 +612,17 @@ class Engine:
         """One forward pass over the plan, then a token for every row whose tokens are all computed. A
         failed pass fails the rows that were joining (prefilling) and is retried for the decoding ones;
         one that fails again, or held only decoding rows, fails them all. A fatal error propagates."""
+        if self._ahead and all(r.decoding and n == 1 and self._plain(r) for r, n in plan):
+            self._run_ahead(plan)
+            return
+        if self._inflight is not None:  # (the loop lands it before such a plan; kept safe here too)
+            self._land()
+            plan = [(r, n) for r, n in plan if r.finish is None]
+            if not plan:
+                return
+        self._run_now(plan)
+
+    def _run_now(self, plan: list[tuple[_Row, int]]) -> None:
         self.pool.zero(self.blocks.take_fresh())
         hidden, exc = self._attempt(self._pass, plan)
         if exc is not None:
@@ -614,6 +640,88 @@ class Engine:
         _, exc = self._attempt(self._advance, plan, hidden)
         if exc is not None:
             self._fail_rows([r for r, _ in plan if r.finish is None], _describe(exc))
+
+    def _run_ahead(self, plan: list[tuple[_Row, int]]) -> None:
+        """A decoding pass launched before the previous pass's tokens are read: rows whose input token is
+        still in flight take it from the device (`_bucketed_decode`), the pass's own tokens are drawn and
+        left there for the next pass, and only then are the previous pass's tokens read and handed out,
+        while this pass runs. A row that stopped on the token read here had one more token computed in
+        this pass: it is dropped when read. Rows of plain sampling only (`_plain`), passes from static
+        buffers only (their inputs come in one copy from pinned memory: no copy that waits for the device)."""
+        flight = self._inflight
+        rows = [r for r, _ in plan]
+        self.pool.zero(self.blocks.take_fresh())
+        try:
+            hidden = self._bucketed_decode(plan, flight)
+            launched = None if hidden is None else _Flight(rows, self._choose(hidden, rows))
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            logger.exception("engine step failed")
+            self._recover(exc)
+            if flight is not None:
+                self._land()
+            self._fail_rows([r for r in rows if r.finish is None], _describe(exc))
+            return
+        if launched is None:  # this pass goes eager (a capture failed, or a GPU's gather bound): ids on the host
+            if flight is not None:
+                self._land()
+            plan = [(r, n) for r, n in plan if r.finish is None]
+            if plan:
+                self._run_now(plan)
+            return
+        for row in rows:
+            row.computed += 1
+            row.ahead += 1
+        self._inflight = launched
+        if flight is not None:
+            self._land(flight)
+
+    def _continues(self) -> bool:
+        """Whether the next pass may be launched before the pass in flight is read: every running row is in
+        it and samples plainly, no waiting request could join now (it would need a prefill pass, whose ids
+        are read on the host), and the rows that need a block to go on find one (no preemption)."""
+        if self._graphs is None or ((self._held or self._preempted) and len(self._rows) < self.max_seqs):
+            return False
+        need = 0
+        for row in self._rows:
+            if row.finish is not None:
+                continue
+            if not row.ahead or not self._plain(row):
+                return False
+            if row.generated + row.ahead < row.budget:
+                need += max(0, -(-(row.computed + 1) // self.block_size) - len(row.blocks))
+        return need <= self.blocks.free
+
+    @staticmethod
+    def _plain(row: _Row) -> bool:
+        """Whether a row's next token may be drawn before its last one is read: no grammar (its mask follows
+        the last token), no penalties (they count the tokens), no logprobs to read back, min_tokens reached."""
+        state, params = row.state, row.stream.params
+        return (
+            state.matcher is None
+            and state.counts is None
+            and params.logprobs is None
+            and not row.scoring
+            and state.generated >= params.min_tokens
+        )
+
+    def _land(self, flight: _Flight | None = None) -> None:
+        """Read the tokens of a pass in flight (`_inflight` by default: waiting for that pass only) and hand
+        them out as `_advance` does; a row finished since it was launched (it stopped on the token before,
+        or was cancelled) drops its token."""
+        if flight is None:
+            flight, self._inflight = self._inflight, None
+        for row, token in zip(flight.rows, flight.read(), strict=True):
+            row.ahead -= 1
+            if row.finish is not None:
+                continue
+            row.state.record(token)
+            row.tokens.append(token)
+            self._emit(row, token)
+            self._offer(row, 0, now=False)  # a block this token completes (its keys: a pass already launched)
+        GenerationStream._publish_all(self._outbox)
+        self._outbox = []
 
     def _attempt(self, step, *args):
         """(step(*args), None), or (None, the exception) once a non-fatal failure is logged and the device
@@ -657,20 +765,22 @@ class Engine:
         )
         return out.last_hidden_state
 
-    def _bucketed_decode(self, plan: list[tuple[_Row, int]]) -> torch.Tensor | None:
+    def _bucketed_decode(self, plan: list[tuple[_Row, int]], flight: _Flight | None = None) -> torch.Tensor | None:
         """A pass of decoding rows padded to a bucket of rows and of blocks per row (powers of two), so the
         compiled step or the graphs see a few fixed shapes: padded rows write to the scratch block and read
         that one token (what they compute is dropped; real rows never read past their own length nor the
         scratch block). None (an eager pass instead) where a GPU would gather more than
         paged.GPU_GATHER_TOKENS a layer for it (neither the varlen kernel nor the Triton one reads the
-        pool in place): every row of a bucket reads its width."""
+        pool in place): every row of a bucket reads its width. A row whose input token is in `flight` (not
+        yet read) takes it from the device."""
         bs, rows = self.block_size, len(plan)
         width = max(self._min_bucket, _bucket(max(r.computed // bs + 1 for r, _ in plan)))
         size = max(self._min_bucket, _bucket(rows))
         gathered = self.device.type == "cuda" and not (self.use_varlen or self.pool.triton_decode)
         if gathered and size * width * bs > paged.GPU_GATHER_TOKENS:
             return None
-        ids = [r.tokens[r.computed] for r, _ in plan] + [0] * (size - rows)
+        known = [flight is None or r.computed < len(r.tokens) for r, _ in plan]
+        ids = [r.tokens[r.computed] if k else 0 for (r, _), k in zip(plan, known, strict=True)] + [0] * (size - rows)
         positions = [r.computed for r, _ in plan] + [0] * (size - rows)
         pad = size - rows
         slots = [r.blocks[r.computed // bs] * bs + r.computed % bs for r, _ in plan] + [self._scratch * bs] * pad
@@ -678,9 +788,14 @@ class Engine:
         tables = [t + [NULL_BLOCK] * (width - len(t)) for t in tables]
         lens = [r.computed + 1 for r, _ in plan] + [1] * (size - rows)
         if self._graphs is not None:
-            hidden = self._graphs(ids, positions, slots, lens, tables)
+            feed = None
+            if not all(known):
+                sources = [-1 if k else flight.index[id(r)] for (r, _), k in zip(plan, known, strict=True)]
+                feed = (flight.tokens, sources + [-1] * pad)
+            hidden = self._graphs(ids, positions, slots, lens, tables, feed)
             if hidden is None:  # a capture failed (only on a GPU; DecodeGraphs said why): eager passes from now
                 self._graphs = self._decode = None  # on (compiled without its graphs, fresh tensors would recompile)
+                self._ahead = False
                 return None
             return hidden[:rows]
         device = self.device
@@ -788,6 +903,10 @@ class Engine:
         logits = self.model.lm_head(hidden)  # [n, V]
         return next_tokens(logits, [r.state for r in rows], self.grammars, self.vocab_limit)
 
+    def _choose(self, hidden: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """The rows' next tokens, left on the device (plain rows: no grammar, nothing read back)."""
+        return choose(self.model.lm_head(hidden), [r.state for r in rows], None, self.vocab_limit)
+
     def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict. hidden: [L, H]."""
         prompt = row.stream.prompt_ids
@@ -841,6 +960,29 @@ class Engine:
                 r.finish = "error"
                 r.stream.error = message
                 r.stream._publish(None, "error")
+
+
+class _Flight:
+    """A decoding pass whose sampled tokens are not yet read (async decoding): the next pass takes them as
+    input ids on the device; on CUDA they are also copied to pinned host memory as soon as drawn, so that
+    reading them waits for this pass only, not for the one launched after it."""
+
+    def __init__(self, rows: list[_Row], tokens: torch.Tensor):
+        self.rows = rows
+        self.tokens = tokens  # [len(rows)] long, on the device
+        self.index = {id(r): i for i, r in enumerate(rows)}
+        self._done = None
+        self._host = tokens
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(tokens.device))
+
+    def read(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
 
 
 def _describe(exc: BaseException) -> str:
