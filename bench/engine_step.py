@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -380,8 +381,9 @@ def replay_graphs(model, levels: list[int], budget: int, args, gen: torch.Genera
     # the engine's loop with them: passes launched ahead of reading the last one's tokens (the server's
     # default, server.async_scheduling), then read one by one
     runs["engine"] = run_engine(engine, levels, args, gen, report)
+    del engine  # (its pool and graphs, before the next one's)
+    gc.collect()
     stepwise = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True)
-    del engine  # (its pool)
     runs["engine_stepwise"] = run_engine(stepwise, levels, args, gen, report)
     return runs
 

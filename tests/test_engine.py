@@ -808,13 +808,15 @@ def test_a_pass_that_waits_for_the_device_stays_eager(sharp, monkeypatch, caplog
 def ahead_engine(model, **kw) -> tuple[Engine, list[int]]:
     """An engine with async decoding (`server.async_scheduling`: on a GPU its passes are launched before the
     last one's tokens are read; here, from static buffers, the same order run eagerly) and a count of the
-    passes it launched that way."""
+    passes it launched that way (and, second, of those launched while a request waited and another pass
+    was in flight)."""
     engine = Engine(model, 4096, decode_graphs=True, async_decode=True, **kw)
-    launched = [0]
+    launched = [0, 0]
     ahead = engine._run_ahead
 
     def counting(plan):
         launched[0] += 1
+        launched[1] += bool(engine._held or engine._preempted) and engine._inflight is not None
         return ahead(plan)
 
     engine._run_ahead = counting
@@ -892,7 +894,8 @@ def test_async_decoding_caches_the_block_its_last_read_token_completes(sharp):
 def test_async_decoding_cancels_and_preempts_as_passes_read_one_by_one(sharp):
     """A request cancelled mid-generation leaves at once, its blocks freed while the pass launched ahead
     for it is dropped; a pool too small for every row to grow lands the pass in flight before preempting
-    (a preempted row is recomputed from tokens all read): outputs equal each request alone."""
+    (a preempted row is recomputed from tokens all read), and passes go on ahead while a request waits
+    for blocks that are not yet free: outputs equal each request alone."""
     ids = prompts(40, 60)
     engine, _ = ahead_engine(sharp, prefix_caching=False)
     engine.start()
@@ -926,9 +929,33 @@ def test_async_decoding_cancels_and_preempts_as_passes_read_one_by_one(sharp):
         settle(engine)
     finally:
         engine.shutdown()
-    assert engine.preemptions > 0 and launched[0] > 0
+    assert engine.preemptions > 0 and launched[0] > 0 and launched[1] > 0
     assert [(t, f) for t, _, f in got] == [(t, f) for t, _, f in want]
     assert (engine._inflight, engine.blocks.used) == (None, 0)
+
+
+def test_a_failure_handing_out_tokens_read_ahead_fails_those_rows_only(sharp):
+    """Reading and handing out a pass's tokens fails (as a bad row could): that pass's rows fail with
+    "error", their blocks come back, and the engine serves the next request."""
+    engine, launched = ahead_engine(sharp, prefix_caching=False)
+    calls, hand_out = [0], engine._hand_out
+
+    def failing(flight):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("bad row")
+        hand_out(flight)
+
+    engine._hand_out = failing
+    engine.start()
+    try:
+        [(tokens, _, finish, stream)] = run(engine, [(prompts(30)[0], greedy(20))])
+        settle(engine)
+        assert (finish, stream.error, engine.blocks.used) == ("error", "RuntimeError: bad row", 0)
+        [(tokens, _, finish, _)] = run(engine, [(prompts(31)[0], greedy(12))])
+    finally:
+        engine.shutdown()
+    assert (len(tokens), finish, engine.dead) == (12, "length", None) and launched[0] > 10
 
 
 @pytest.fixture

@@ -194,7 +194,7 @@ class DecodeGraphs:
         """One host-to-device copy of the pass's inputs (from pinned memory on CUDA: it does not wait)."""
         n = len(values)
         if self._copied is not None:
-            self._copied.synchronize()  # (done long ago: the last pass's tokens were read back since)
+            self._copied.synchronize()  # (done: the pass before it has been read back, or ran before it)
         if self._host.numel() < n:
             self._host = torch.empty(max(n, 2 * self._host.numel()), dtype=torch.long, pin_memory=self.capture)
         host = self._host[:n]

@@ -302,6 +302,7 @@ class Engine:
         # handing out tokens, scheduling, launching) overlaps the device's pass instead of alternating with it.
         self._ahead = async_decode and self._graphs is not None
         self._inflight: _Flight | None = None  # the pass whose tokens are not yet read
+        self._stalled: int | None = None  # free blocks when a waiting request last found too few
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
         self._held: deque[GenerationStream | _Row] = deque()  # taken off the queue, not yet admitted
         self._preempted: list[_Row] = []  # rows sent back to wait (their blocks freed), by admission order
@@ -491,6 +492,7 @@ class Engine:
         return plan
 
     def _admit(self, plan: list[tuple[_Row, int]], prefill_budget: int) -> None:
+        self._stalled = None
         while prefill_budget > 0 and len(self._rows) < self.max_seqs:
             row = self._next_waiting()
             if row is None:
@@ -519,6 +521,7 @@ class Engine:
             fresh = self.blocks.allocate(need) if self.blocks.free - need >= reserve else None
             if fresh is None:
                 self.blocks.release(hit)
+                self._stalled = self.blocks.free  # (passes may go ahead until more blocks are free)
                 return  # it waits for blocks to be freed
             self._take_waiting(row)
             if row.stream.cached_tokens is None:  # first admission: what the prefix cache gave its prompt
@@ -680,8 +683,12 @@ class Engine:
     def _continues(self) -> bool:
         """Whether the next pass may be launched before the pass in flight is read: every running row is in
         it and samples plainly, no waiting request could join now (it would need a prefill pass, whose ids
-        are read on the host), and the rows that need a block to go on find one (no preemption)."""
-        if self._graphs is None or ((self._held or self._preempted) and len(self._rows) < self.max_seqs):
+        are read on the host: one that found too few blocks waits until more are free), and the rows that
+        need a block to go on find one (no preemption)."""
+        waiting = (self._held or self._preempted) and len(self._rows) < self.max_seqs
+        if waiting and (self._stalled is None or self.blocks.free > self._stalled):
+            return False
+        if not self._ahead:
             return False
         need = 0
         for row in self._rows:
@@ -709,9 +716,14 @@ class Engine:
     def _land(self, flight: _Flight | None = None) -> None:
         """Read the tokens of a pass in flight (`_inflight` by default: waiting for that pass only) and hand
         them out as `_advance` does; a row finished since it was launched (it stopped on the token before,
-        or was cancelled) drops its token."""
+        or was cancelled) drops its token. A failure there fails the pass's rows (as `_advance`'s)."""
         if flight is None:
             flight, self._inflight = self._inflight, None
+        _, exc = self._attempt(self._hand_out, flight)
+        if exc is not None:
+            self._fail_rows([r for r in flight.rows if r.finish is None], _describe(exc))
+
+    def _hand_out(self, flight: _Flight) -> None:
         for row, token in zip(flight.rows, flight.read(), strict=True):
             row.ahead -= 1
             if row.finish is not None:
