@@ -3,8 +3,9 @@
 For each number of rows B (--levels):
 - `forward`: one decoding pass (the model's forward through the paged attention, no sampling) at B rows
   of --context tokens, timed over --passes passes after warm-up (synchronized): eager as the engine runs
-  it (on a GPU: RMSNorm fused; without the varlen kernel, the Triton kernel reading the pool in place, where
-  its start-up check passed), then with transformers' own RMSNorm, with the rows gathered for SDPA in one
+  it (on a GPU: RMSNorm and the rotation fused; without the varlen kernel, the Triton kernel reading the
+  pool in place, where its start-up check passed), then with transformers' own RMSNorm and rotation (each
+  alone), with the rows gathered for SDPA in one
   call, and, with --groups, that many at a time (paged.GPU_GROUP; the CPU's GROUP);
 - `prefill` (--chunks N,...): a pass computing N prompt tokens of one row from position 0, alone and with
   --riders decoding rows of --context tokens beside it, as the engine schedules a joining prompt
@@ -64,6 +65,7 @@ def make_model(shape: str, device: torch.device):
     rope.pin_longrope(model, 4096)
     if device.type == "cuda":  # as the loader does
         rmsnorm.fuse(model)
+        rope.fuse_rotary()
     return model
 
 
@@ -291,6 +293,9 @@ def main() -> None:
                 if rmsnorm.unfuse(engine.model):  # transformers' own RMSNorm (the GPU's is fused)
                     row["unfused_norms_ms"] = round(time_passes(engine._decode_step, inputs, args.passes, device), 2)
                     rmsnorm.fuse(engine.model)
+                if rope.unfuse_rotary():  # transformers' own rotation (the GPU's in 4 kernels, not 12)
+                    row["unfused_rotation_ms"] = round(time_passes(engine._decode_step, inputs, args.passes, device), 2)
+                    rope.fuse_rotary()
                 engine.pool.triton_decode = False  # the rows gathered for SDPA: in one call, in calls of N
                 if in_place:
                     row["gathered_ms"] = round(time_passes(engine._decode_step, inputs, args.passes, device), 2)

@@ -2,8 +2,8 @@
 CPU never takes. FlashAttention's variable-length kernel reading the KV pool through block tables gives
 what the CPU path (gathered blocks, SDPA) gives, for decoding rows, prompt chunks and cached prefixes in
 one pass; the engine answers the same either way; decoding passes replayed from CUDA graphs equal eager
-ones, and launched ahead of reading the last one's tokens give the same; the Triton decode kernel and
-fused RMSNorm equal what they replace; the compiled decoding pass (compiled once, in ptserve's CUDA
+ones, and launched ahead of reading the last one's tokens give the same; the Triton decode kernel, fused
+RMSNorm and the fused rotation equal what they replace; the compiled decoding pass (compiled once, in ptserve's CUDA
 graphs) equals the eager one and never recompiles."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def cuda_model(tmp_path_factory):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
     rope.pin_longrope(model, 4096)  # as the server loads it
     rmsnorm.fuse(model)
+    rope.fuse_rotary()
     paged.install(model)
     return model
 
@@ -248,6 +249,20 @@ def test_fused_rms_norms_give_transformers_norms_on_the_gpu(cuda_model):
             plain = cuda_model(ids).logits.float()
         finally:
             rmsnorm.fuse(cuda_model)
+    torch.testing.assert_close(fused, plain, atol=0.1, rtol=0.05)
+
+
+def test_fused_rotation_gives_transformers_rotation_on_the_gpu(cuda_model):
+    """The rotation in 4 kernels a layer (the loader's choice on a GPU) against transformers' 12, bf16: the
+    logits agree up to bf16's rounding."""
+    ids = torch.tensor([list(range(100, 164))], device="cuda")
+    with torch.inference_mode():
+        fused = cuda_model(ids).logits.float()
+        assert rope.unfuse_rotary()
+        try:
+            plain = cuda_model(ids).logits.float()
+        finally:
+            rope.fuse_rotary()
     torch.testing.assert_close(fused, plain, atol=0.1, rtol=0.05)
 
 

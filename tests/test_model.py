@@ -530,6 +530,58 @@ def test_bad_settings_fail_one_request_not_the_batch(engine, tokenizer):
     assert (good_finish, good_error) == ("length", None)
 
 
+def test_fused_rotation_gives_transformers_rotation(tiny_model_dir, monkeypatch):
+    """The rotary embedding in 4 operations a layer (what the loader routes transformers' Phi-3 rotation
+    through on a GPU) against transformers' own: queries and keys of grouped heads, head size 96 as
+    Phi-3.5's, equal (float32); the model's logits with it and back equal, 8 operations a layer fewer (the
+    signed sine made once a pass: 2 more); on devices not routed, transformers' code runs; it compiles
+    whole (server.compile_decode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+    from transformers.models.phi3 import modeling_phi3
+
+    from ptserve.engine import rope
+
+    original = modeling_phi3.apply_rotary_pos_emb
+    gen = torch.Generator().manual_seed(0)
+    for heads, kv_heads, tokens, dim in ((4, 4, 1, 96), (8, 2, 7, 64)):
+        q, k = torch.randn(1, heads, tokens, dim, generator=gen), torch.randn(1, kv_heads, tokens, dim, generator=gen)
+        cos, sin = (f(torch.randn(1, tokens, dim, generator=gen)) for f in (torch.cos, torch.sin))
+        for got, want in zip(rope.rotate(q, k, cos, sin), original(q, k, cos, sin), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    compiled = torch.compile(rope.rotate, fullgraph=True)  # (server.compile_decode on a GPU traces it)
+    for got, want in zip(compiled(q, k, cos, sin), original(q, k, cos, sin), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += not func.is_view  # (a view launches nothing)
+            return func(*args, **(kwargs or {}))
+
+    def logits_and_ops():
+        Count.calls = 0
+        with torch.no_grad(), Count():
+            logits = model(ids).logits
+        return logits, Count.calls
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([list(range(100, 140))])
+    logits_and_ops()  # (the first pass also sets the rotary embedding up)
+    want, plain_ops = logits_and_ops()
+    try:
+        assert rope.fuse_rotary() and not rope.fuse_rotary()
+        assert torch.equal(logits_and_ops()[0], want)  # a CPU tensor: still transformers' rotation
+        monkeypatch.setattr(rope, "FUSED_ON", {"cpu"})
+        got, fused_ops = logits_and_ops()
+    finally:
+        assert rope.unfuse_rotary() and not rope.unfuse_rotary()
+    assert modeling_phi3.apply_rotary_pos_emb is original
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert plain_ops - fused_ops == 8 * model.config.num_hidden_layers - 2
+
+
 def test_fused_rms_norms_give_transformers_norms(tiny_model_dir):
     """torch's fused RMSNorm (what the loader swaps in on a GPU) in place of transformers' eight operations:
     every norm of the model swapped and back, the logits equal (float32)."""

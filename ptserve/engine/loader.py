@@ -153,8 +153,9 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
     packable = packable and cpu_linear.available()
     if packable and not config.server.compile_decode:  # torch.compile cannot lower the packed op
         logger.info("packed %d linear layers for oneDNN", cpu_linear.pack_linears(model))
-    if device.type == "cuda":  # one kernel a norm instead of eight launches (rmsnorm.py)
+    if device.type == "cuda":  # one kernel a norm instead of eight launches (rmsnorm.py), 4 a rotation, not 12
         logger.info("%d RMSNorm layers on torch's fused kernel", rmsnorm.fuse(model))
+        rope.fuse_rotary()
     tokenizer = load_tokenizer(config)
     loaded = LoadedModel(model, tokenizer, device, eos_token_ids(model, tokenizer), max_context)
     logger.info(

@@ -1,4 +1,6 @@
-"""LongRoPE with its factors chosen once, from the served context length, not per forward pass.
+"""Rotary embeddings: LongRoPE's factors chosen once, and the rotation in fewer kernels on a GPU.
+
+LongRoPE with its factors chosen once, from the served context length, not per forward pass.
 
 transformers' LongRoPE (Phi-3/3.5) switches between the short and the long factors from the largest
 position in the *batch* at every forward. In a continuous batch that couples requests: once any row (even
@@ -8,6 +10,16 @@ long-factor queries. vLLM picks the factors statically instead; so does this: th
 configured context is longer than the original one, the short ones otherwise. A row's numerics then
 never depend on its neighbours, and no cache mixes factors. The attention scaling (from the model's
 `max_position_embeddings` / original ratio) is transformers' own in both cases.
+
+The rotation itself (`rotate`, put in place of transformers' Phi-3 `apply_rotary_pos_emb` by
+`fuse_rotary`, for tensors on FUSED_ON devices): transformers rotates the queries and the keys apart, each
+`cat([x*cos + rotate_half(x)*sin, x_pass])` with `rotate_half(x) = cat(-x2, x1)`: 12 kernels a layer on a
+GPU, of a decoding pass's ~45 launches a layer before CUDA graphs (and inside a graph each is still a
+kernel of its own). `rotate` does both in one tensor: `cat([q, k])`, then `qk*cos + roll(qk)*signed_sin`
+(`roll` by half the head is `cat(x2, x1)`; the sign goes into the sine, made once a pass for all layers):
+4 kernels. The same arithmetic, the last two roundings fused into one (`addcmul`). Like the fused RMSNorm
+(rmsnorm.py) the loader uses it on CUDA only: on the CPU it saved ~16 microseconds a layer (2 of a pass's
+~100 small operations at the cheap shape), and transformers' own code stays the reference there.
 """
 
 from __future__ import annotations
@@ -49,3 +61,51 @@ def pin_longrope(model: torch.nn.Module, context_length: int) -> str | None:
     if chosen is not None:
         logger.info("LongRoPE: %s factors for a %d-token context", chosen, context_length)
     return chosen
+
+
+FUSED_ON = {"cuda"}  # device types whose rotations `fuse_rotary` routes through `rotate`
+_signed: tuple = (None, None)  # (the sine of the pass being run, its signed form), one tuple: thread-safe reads
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' Phi-3 rotation of queries [B, H, T, D] and keys [B, KVH, T, D] by cos, sin [B, T, D]
+    (every dimension rotated), in 4 kernels: the rotated queries and keys, views of one tensor."""
+    global _signed
+    half = q.shape[-1] // 2
+    cached_sin, signed = _signed
+    if torch.compiler.is_compiling() or cached_sin is not sin:  # (compiled: inductor fuses it anyway)
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
+        if not torch.compiler.is_compiling():  # the first layer of a pass: every layer gets the same sin
+            _signed = (sin, signed)  # (keeps `sin` alive: a later pass's cannot take its identity)
+    qk = torch.cat([q, k], dim=1)
+    out = torch.addcmul(qk * cos.unsqueeze(1), qk.roll(half, dims=-1), signed)
+    heads = q.shape[1]
+    return out[:, :heads], out[:, heads:]
+
+
+def _dispatch(q, k, cos, sin, unsqueeze_dim=1):
+    if q.device.type in FUSED_ON and unsqueeze_dim == 1 and cos.shape[-1] == q.shape[-1]:
+        return rotate(q, k, cos, sin)
+    return _dispatch.original(q, k, cos, sin, unsqueeze_dim)
+
+
+def fuse_rotary() -> bool:
+    """Route transformers' Phi-3 rotation through `rotate` for tensors on FUSED_ON devices (process-wide:
+    the function is module-level; other devices keep transformers' own). False when already routed."""
+    from transformers.models.phi3 import modeling_phi3
+
+    if modeling_phi3.apply_rotary_pos_emb is _dispatch:
+        return False
+    _dispatch.original = modeling_phi3.apply_rotary_pos_emb
+    modeling_phi3.apply_rotary_pos_emb = _dispatch
+    return True
+
+
+def unfuse_rotary() -> bool:
+    """transformers' own rotation back; False when it was not routed."""
+    from transformers.models.phi3 import modeling_phi3
+
+    if modeling_phi3.apply_rotary_pos_emb is not _dispatch:
+        return False
+    modeling_phi3.apply_rotary_pos_emb = _dispatch.original
+    return True
