@@ -123,6 +123,22 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} not ready after {self.start_timeout}s")
 
+    def cpu_ms(self) -> dict[str, float]:
+        """CPU time (user + system, ms) each of the server's processes has used so far, keyed "worker:PID" for
+        a process spawned by multiprocessing (ptserve's engine workers), else "server:PID"."""
+        pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            kind = "worker" if b"spawn_main" in cmdline else "server"
+            out[f"{kind}:{pid}"] = (int(fields[11]) + int(fields[12])) * 1000 / tick
+        return out
+
     def memory(self) -> dict:
         """The server's GPU memory now (nvidia-smi, all its processes), the peak RSS of its processes (the
         sum of each one's high-water mark, VmHWM), its model's footprint (ptserve logs it) and its KV pool
@@ -262,10 +278,20 @@ def pct(values, q):
 
 
 async def run_level(
-    port: int, model: str, n: int, max_tokens: int, count_tokens, prompts: list, warm_up: list | None = None
+    port: int,
+    model: str,
+    n: int,
+    max_tokens: int,
+    count_tokens,
+    prompts: list,
+    warm_up: list | None = None,
+    cpu_ms=None,
 ) -> dict:
     """One level: a warm-up request (or, given `warm_up` prompts, n at once: a server's decoding shapes at
-    this level are met before the clock starts, as CUDA graphs captured when first met), then n requests."""
+    this level are met before the clock starts, as CUDA graphs captured when first met), then n requests.
+    `cpu_ms()`: the server's processes' CPU time so far (`Server.cpu_ms`), read around the n requests: each
+    process's host CPU per output token (`cpu_us_per_token`; on a GPU, what the HTTP process and the
+    engine's host side cost a token)."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -273,12 +299,15 @@ async def run_level(
             await asyncio.gather(*(one_request(client, url, model, warm_up[i], 8, count_tokens) for i in range(n)))
         else:
             await one_request(client, url, model, prompts[0], 8, count_tokens)  # warm-up
+        cpu_before = cpu_ms() if cpu_ms else {}
         start = time.perf_counter()
         results = await asyncio.gather(
             *(one_request(client, url, model, prompts[i], max_tokens, count_tokens) for i in range(n))
         )
         wall = time.perf_counter() - start
+        cpu_after = cpu_ms() if cpu_ms else {}
     tokens = sum(r["tokens"] for r in results)
+    used = {k: cpu_after[k] - cpu_before[k] for k in cpu_after if k in cpu_before}
     ttft = [r["first"] - r["sent"] for r in results if r["first"]]
     itl = [(r["last"] - r["first"]) / (r["tokens"] - 1) for r in results if r["first"] and r["tokens"] > 1]
     return {
@@ -292,6 +321,7 @@ async def run_level(
         "stopped_early": sum(r["finish"] != "length" for r in results),
         "prompt_tokens_p50": pct([r["prompt"] for r in results if r["prompt"] is not None], 0.5),
         "token_counts_exact": all(r["exact"] for r in results),
+        "cpu_us_per_token": {k: round(1000 * ms / max(tokens, 1)) for k, ms in sorted(used.items()) if ms > 0},
     }
 
 
@@ -304,7 +334,9 @@ def bench(
     try:
         rows = []
         for n in levels:
-            row = asyncio.run(run_level(server.port, model, n, max_tokens, count_tokens, prompts, warm_up))
+            row = asyncio.run(
+                run_level(server.port, model, n, max_tokens, count_tokens, prompts, warm_up, server.cpu_ms)
+            )
             row.update(server.memory())
             print(f"  {server.name:13s} {json.dumps(row)}", flush=True)
             rows.append(row)
