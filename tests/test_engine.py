@@ -934,6 +934,24 @@ def test_async_decoding_cancels_and_preempts_as_passes_read_one_by_one(sharp):
     assert (engine._inflight, engine.blocks.used) == (None, 0)
 
 
+def test_passes_are_read_one_by_one_where_drawing_tokens_waits_for_the_device(sharp, monkeypatch, caplog):
+    """Were drawing tokens to read a value back (here the sampled rows' draw), the start-up check keeps
+    passes read one by one, saying why; the engine serves as before."""
+    from ptserve.engine import sampling
+
+    draw = sampling.draw
+    monkeypatch.setattr(sampling, "draw", lambda probs, uniforms: draw(probs, uniforms) + int(uniforms.sum() > 2))
+    engine, launched = ahead_engine(sharp)
+    assert engine.decode_mode == "from static buffers"
+    assert "passes are read one by one: drawing their tokens waits for the device (item)" in caplog.text
+    engine.start()
+    try:
+        [(tokens, _, finish, _)] = run(engine, [(prompts(20)[0], greedy(5))])
+    finally:
+        engine.shutdown()
+    assert (len(tokens), finish, launched[0]) == (5, "length", 0)
+
+
 def test_a_failure_handing_out_tokens_read_ahead_fails_those_rows_only(sharp):
     """Reading and handing out a pass's tokens fails (as a bad row could): that pass's rows fail with
     "error", their blocks come back, and the engine serves the next request."""

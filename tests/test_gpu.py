@@ -198,6 +198,20 @@ def test_passes_launched_ahead_answer_as_passes_read_one_by_one(cuda_model):
     assert got == want and len(got[3]) == first.index(stop) + 1
 
 
+def test_the_sync_check_tells_copies_that_do_not_wait_apart():
+    """Copies between host and GPU: a CUDA graph holds none (the check finds every one), while the start-up
+    check of async decoding lets non-blocking ones to or from pinned memory through (the host goes on)."""
+    from ptserve.engine.graphs import host_syncs
+
+    pinned, pageable = torch.arange(4).pin_memory(), torch.arange(4)
+    on_gpu, back = torch.arange(4, device="cuda"), torch.empty(4, dtype=torch.long).pin_memory()
+    assert host_syncs(lambda: pinned.to("cuda", non_blocking=True), pinned_ok=True) == []
+    assert host_syncs(lambda: back.copy_(on_gpu, non_blocking=True), pinned_ok=True) == []
+    assert host_syncs(lambda: pinned.to("cuda", non_blocking=True)) == ["to cpu->cuda"]
+    assert host_syncs(lambda: pageable.to("cuda", non_blocking=True), pinned_ok=True) == ["to cpu->cuda"]
+    assert host_syncs(lambda: back.copy_(on_gpu), pinned_ok=True) == ["copy_ cuda->cpu"]
+
+
 def test_graph_replays_equal_eager_passes_as_buckets_change(cuda_model):
     """60 passes of other tokens, positions, block tables and lengths, switching buckets: each bucket's
     graph is captured once, and every replay equals the eager pass on the same inputs."""

@@ -52,9 +52,10 @@ SYNCING = {
 
 
 class _SyncCheck(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, pinned_ok: bool = False):
         super().__init__()
         self.found: list[str] = []
+        self.pinned_ok = pinned_ok
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -67,12 +68,22 @@ class _SyncCheck(TorchDispatchMode):
                 self.found.append(name)  # counts in a tensor size its output
         elif packet in INDEXING and any(_is_mask(i) for i in args[1]):
             self.found.append(f"{name} by a boolean mask")  # its True count sizes the result
-        elif packet is aten.copy_ and _crosses(args[1], args[0]):
+        elif packet is aten.copy_ and self._waits(args[1], args[0], args[2] if len(args) > 2 else kwargs):
             self.found.append(f"{name} {args[1].device.type}->{args[0].device.type}")
         out = func(*args, **kwargs)
-        if packet in (aten._to_copy, aten.to) and isinstance(out, torch.Tensor) and _crosses(args[0], out):
+        if packet in (aten._to_copy, aten.to) and isinstance(out, torch.Tensor) and self._waits(args[0], out, kwargs):
             self.found.append(f"to {args[0].device.type}->{out.device.type}")
         return out
+
+    def _waits(self, source: torch.Tensor, dest: torch.Tensor, non_blocking) -> bool:
+        """A copy between the host and a device; with `pinned_ok`, not one that is non-blocking with its host
+        side pinned (the host goes on at once)."""
+        if not _crosses(source, dest):
+            return False
+        if isinstance(non_blocking, dict):
+            non_blocking = non_blocking.get("non_blocking", False)
+        host = source if source.device.type == "cpu" else dest
+        return not (self.pinned_ok and non_blocking and host.is_pinned())
 
 
 INDEXING = {aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_}
@@ -97,10 +108,11 @@ def on_device(values: list, device: torch.device, dtype=torch.long) -> torch.Ten
     return t.to(device)
 
 
-def host_syncs(fn: Callable, *args) -> list[str]:
+def host_syncs(fn: Callable, *args, pinned_ok: bool = False) -> list[str]:
     """The operations of `fn(*args)` (run once, for real) that wait for the device or move data between it
-    and the host: what a CUDA graph cannot capture. Empty when the pass can be a graph."""
-    with _SyncCheck() as check:
+    and the host: what a CUDA graph cannot capture. Empty when the pass can be a graph. `pinned_ok`: not
+    non-blocking copies from or to pinned host memory (they do not wait; work launched ahead may use them)."""
+    with _SyncCheck(pinned_ok) as check:
         fn(*args)
     return check.found
 

@@ -300,7 +300,7 @@ class Engine:
         # Async decoding (`_run_ahead`): a decoding pass is launched before the previous one's tokens are read,
         # its input ids taken from those on the device, so that on a GPU the host's work of a step (reading and
         # handing out tokens, scheduling, launching) overlaps the device's pass instead of alternating with it.
-        self._ahead = async_decode and self._graphs is not None
+        self._ahead = async_decode and self._graphs is not None and self._draws_without_waiting()
         self._inflight: _Flight | None = None  # the pass whose tokens are not yet read
         self._stalled: int | None = None  # free blocks when a waiting request last found too few
         self._waiting: queue.Queue[GenerationStream | None] = queue.Queue()
@@ -865,6 +865,31 @@ class Engine:
             logger.warning("decoding passes stay eager: the graph's replay differs from the pass it captured")
             return None
         return graphs
+
+    def _draws_without_waiting(self) -> bool:
+        """Whether drawing a pass's tokens (`_choose`: lm_head and sampling, greedy and sampled rows with a
+        seed, top-k, top-p and min-p, together and apart) leaves the host free, as passes launched ahead
+        need (a copy or a read that waits would make each launch wait for the pass before it); else False,
+        with a warning saying what waits. Checked once, at start."""
+        hidden = torch.zeros(2, self.model.config.hidden_size, dtype=self.kv_dtype, device=self.device)
+        settings = (
+            SamplingParams(1, temperature=0.0),
+            SamplingParams(1, temperature=0.8, top_p=0.9, top_k=5, min_p=0.01, seed=0),
+        )
+        greedy, sampled = (RowState.create(p, [0], self.vocab_size, self.device) for p in settings)
+
+        def draw(*rows: RowState) -> torch.Tensor:
+            return choose(self.model.lm_head(hidden[: len(rows)]), list(rows), None, self.vocab_limit)
+
+        try:
+            with torch.inference_mode():
+                waits = host_syncs(lambda: (draw(greedy, sampled), draw(sampled)), pinned_ok=True)
+        except Exception as exc:
+            waits = [_describe(exc)]
+        if waits:
+            found = ", ".join(sorted(set(waits)))
+            logger.warning("decoding passes are read one by one: drawing their tokens waits for the device (%s)", found)
+        return not waits
 
     def _advance(self, plan: list[tuple[_Row, int]], hidden: torch.Tensor) -> None:
         offset = 0
