@@ -473,9 +473,11 @@ def test_preemption_recomputes_and_changes_nothing(sharp, reading):
     assert engine.blocks.used == 0
 
 
-def test_cancelled_and_finished_requests_free_their_blocks(sharp):
+def cancel_one_of_two(engine: Engine) -> tuple[list[int], str]:
+    """Start `engine`, run a long request cancelled at its first token beside a short one; the short one's
+    tokens and finish, once the engine has settled (then it is shut down)."""
     ids = prompts(40, 60)
-    engine = Engine(sharp, 4096, prefix_caching=False).start()
+    engine.start()
     try:
 
         async def scenario():
@@ -489,6 +491,12 @@ def test_cancelled_and_finished_requests_free_their_blocks(sharp):
         settle(engine)
     finally:
         engine.shutdown()
+    return tokens, finish
+
+
+def test_cancelled_and_finished_requests_free_their_blocks(sharp):
+    engine = Engine(sharp, 4096, prefix_caching=False)
+    tokens, finish = cancel_one_of_two(engine)
     assert (len(tokens), finish) == (3, "length")
     assert (engine.running, engine.blocks.used, engine.blocks.free) == (0, 0, engine.blocks.usable)
 
@@ -896,22 +904,8 @@ def test_async_decoding_cancels_and_preempts_as_passes_read_one_by_one(sharp):
     for it is dropped; a pool too small for every row to grow lands the pass in flight before preempting
     (a preempted row is recomputed from tokens all read), and passes go on ahead while a request waits
     for blocks that are not yet free: outputs equal each request alone."""
-    ids = prompts(40, 60)
     engine, _ = ahead_engine(sharp, prefix_caching=False)
-    engine.start()
-    try:
-
-        async def scenario():
-            long = engine.submit(ids[0], greedy(2000))
-            short = engine.submit(ids[1], greedy(3))
-            async for _ in long:
-                long.cancel()
-            return await collect(short)
-
-        tokens, _, finish = asyncio.run(scenario())
-        settle(engine)
-    finally:
-        engine.shutdown()
+    tokens, finish = cancel_one_of_two(engine)
     assert (len(tokens), finish) == (3, "length")
     assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)
 
