@@ -840,9 +840,10 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     """Decoding passes launched before the previous pass's tokens are read give every request the tokens
     and finish of passes read one by one, while requests arrive mid-generation (a prefill pass reads first)
     and leave by length or a stop id (the pass launched ahead computed one token more for it, dropped),
-    rows sample greedily and seeded (top_k, top_p, min_p) side by side, and rows that need each token
-    first (logprobs, min_tokens not reached) run beside them; every block comes back."""
-    ids = prompts(20, 27, 35, 18, 41, 30)
+    rows sample greedily and seeded (top_k, top_p, min_p) side by side, penalized rows count their tokens
+    on the device, and rows that need each token first (logprobs, min_tokens not reached) run beside them;
+    every block comes back."""
+    ids = prompts(20, 27, 35, 18, 41, 30, 25, 22)
     stepwise = Engine(sharp, 4096, decode_graphs=True).start()
     try:
         [(plain, _, _, _), (early, _, _, _)] = run(stepwise, [(ids[4], greedy(30)), (ids[5], greedy(20))])
@@ -853,17 +854,21 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
             (ids[3], SamplingParams(20, temperature=1.0, min_p=0.05, seed=5)),
             (ids[4], greedy(30, stop_token_ids=(first_new(plain, 6),))),  # stops at its 7th token
             (ids[5], greedy(20, min_tokens=4, stop_token_ids=(first_new(early, 1),))),  # banned until 4
+            (ids[6], greedy(30, frequency_penalty=1.5, presence_penalty=0.5)),  # counts kept on the device
+            (ids[7], SamplingParams(30, temperature=0.8, repetition_penalty=1.5, seed=9)),
         ]
         want = [r[:3] for r in run(stepwise, jobs, stagger=0.03)]
     finally:
         stepwise.shutdown()
     engine, launched = ahead_engine(sharp)
     assert engine.decode_mode == "from static buffers, launched a pass ahead"
-    late, emit = [], engine._emit
+    late, penalized, emit = [], {}, engine._emit
 
     def emitting(row, token, logprob=None):
         if row.finish is not None:
             late.append(token)  # a token handed out after its row finished
+        if row.state.counts is not None:
+            penalized[id(row)] = row
         emit(row, token, logprob)
 
     engine._emit = emitting
@@ -874,8 +879,12 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     finally:
         engine.shutdown()
     assert [(t, f) for t, _, f in got] == [(t, f) for t, _, f in want]
-    assert [len(t) for t, _, _ in got] == [24, 12, 30, 20, 7, len(want[5][0])]
+    assert [len(t) for t, _, _ in got] == [24, 12, 30, 20, 7, len(want[5][0]), 30, 30]
     assert late == []
+    for row in penalized.values():  # each generated token counted once (on the device, or when read)
+        generated = torch.tensor(row.tokens[len(row.stream.prompt_ids) :])
+        assert torch.equal(row.state.counts, torch.bincount(generated, minlength=len(row.state.counts)).float())
+    assert len(penalized) == 2
     assert got[1][1] == pytest.approx(want[1][1], abs=ATOL)
     assert launched[0] > 10  # (how many depends on when the others arrive and leave)
     assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)

@@ -89,9 +89,10 @@ class RowState:
             state.bias[torch.tensor(ids, device=device)] = torch.tensor(values, device=device)
         return state
 
-    def record(self, token: int) -> None:
+    def record(self, token: int, counted: bool = False) -> None:
+        """`token` was generated; `counted`: already added to `counts` on the device (`count_on_device`)."""
         self.generated += 1
-        if self.counts is not None:
+        if self.counts is not None and not counted:
             self.counts[token] += 1
         if self.matcher is not None and not self.matcher.consume(token):
             self.error = f"the grammar rejected token {token}: {self.matcher.error}"
@@ -153,19 +154,28 @@ def apply_penalties(logits: torch.Tensor, states: list[RowState]) -> torch.Tenso
     rows = [i for i, s in enumerate(states) if s.counts is not None]
     if not rows:
         return logits
-    sub = logits[rows]  # [R, V]
+    # (indices and settings from pinned memory on a GPU: nothing here waits for the device)
+    index = on_device(rows, logits.device)
+    sub = logits.index_select(0, index)  # [R, V]
     counts = torch.stack([states[i].counts for i in rows])  # [R, V]
-    rep = torch.tensor([states[i].params.repetition_penalty for i in rows], device=logits.device).unsqueeze(-1)
+    params = [states[i].params for i in rows]
+    settings = [[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params]
+    rep, freq, pres = on_device(settings, logits.device, torch.float32).unsqueeze(-1).unbind(1)  # [R, 1] each
     seen = counts > 0
     prompt = [states[i].in_prompt for i in rows]
     if any(m is not None for m in prompt):
         seen = seen | torch.stack([m if m is not None else torch.zeros_like(seen[0]) for m in prompt])
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    freq = torch.tensor([states[i].params.frequency_penalty for i in rows], device=logits.device).unsqueeze(-1)
-    pres = torch.tensor([states[i].params.presence_penalty for i in rows], device=logits.device).unsqueeze(-1)
     sub = sub - counts * freq - (counts > 0).float() * pres
-    logits[rows] = sub
-    return logits
+    return logits.index_copy_(0, index, sub)
+
+
+def count_on_device(tokens: torch.Tensor, states: list[RowState]) -> None:
+    """Add each penalized row's token to its counts where the tokens are (a pass launched ahead: not yet
+    read); `RowState.record(token, counted=True)` once read."""
+    for i, s in enumerate(states):
+        if s.counts is not None:
+            s.counts.index_add_(0, tokens[i : i + 1], torch.ones(1, dtype=s.counts.dtype, device=s.counts.device))
 
 
 def sample(

@@ -55,7 +55,15 @@ from ptserve.engine.grammar import GrammarBackend
 from ptserve.engine.graphs import DecodeGraphs, host_syncs
 from ptserve.engine.hostmem import keep_freed_memory, release_host_memory
 from ptserve.engine.paged import KVPool, PagedBatch
-from ptserve.engine.sampling import RowState, SamplingParams, TokenLogprob, choose, logprobs_of, next_tokens
+from ptserve.engine.sampling import (
+    RowState,
+    SamplingParams,
+    TokenLogprob,
+    choose,
+    count_on_device,
+    logprobs_of,
+    next_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -703,11 +711,10 @@ class Engine:
     @staticmethod
     def _plain(row: _Row) -> bool:
         """Whether a row's next token may be drawn before its last one is read: no grammar (its mask follows
-        the last token), no penalties (they count the tokens), no logprobs to read back, min_tokens reached."""
+        the last token), no logprobs to read back, min_tokens reached (penalties count tokens on the device)."""
         state, params = row.state, row.stream.params
         return (
             state.matcher is None
-            and state.counts is None
             and params.logprobs is None
             and not row.scoring
             and state.generated >= params.min_tokens
@@ -728,7 +735,7 @@ class Engine:
             row.ahead -= 1
             if row.finish is not None:
                 continue
-            row.state.record(token)
+            row.state.record(token, counted=True)  # (penalties' counts: `_choose` did)
             row.tokens.append(token)
             self._emit(row, token)
             self._offer(row, 0, now=False)  # a block this token completes (its keys: a pass already launched)
@@ -867,23 +874,27 @@ class Engine:
         return graphs
 
     def _draws_without_waiting(self) -> bool:
-        """Whether drawing a pass's tokens (`_choose`: lm_head and sampling, greedy and sampled rows with a
-        seed, top-k, top-p and min-p, together and apart) leaves the host free, as passes launched ahead
-        need (a copy or a read that waits would make each launch wait for the pass before it); else False,
-        with a warning saying what waits. Checked once, at start."""
-        hidden = torch.zeros(2, self.model.config.hidden_size, dtype=self.kv_dtype, device=self.device)
+        """Whether drawing a pass's tokens (`_choose`: lm_head, sampling and penalties' counts; greedy, sampled
+        (seed, top-k, top-p, min-p) and penalized rows, together and apart) leaves the host free, as passes
+        launched ahead need (a copy or a read that waits would make each launch wait for the pass before it);
+        else False, with a warning saying what waits. Checked once, at start."""
+        hidden = torch.zeros(3, self.model.config.hidden_size, dtype=self.kv_dtype, device=self.device)
         settings = (
             SamplingParams(1, temperature=0.0),
             SamplingParams(1, temperature=0.8, top_p=0.9, top_k=5, min_p=0.01, seed=0),
+            SamplingParams(
+                1, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2, logit_bias=((7, 1.0),)
+            ),
         )
-        greedy, sampled = (RowState.create(p, [0], self.vocab_size, self.device) for p in settings)
+        greedy, sampled, penalized = (RowState.create(p, [0], self.vocab_size, self.device) for p in settings)
 
-        def draw(*rows: RowState) -> torch.Tensor:
-            return choose(self.model.lm_head(hidden[: len(rows)]), list(rows), None, self.vocab_limit)
+        def draw(*states: RowState) -> None:
+            tokens = choose(self.model.lm_head(hidden[: len(states)]), list(states), None, self.vocab_limit)
+            count_on_device(tokens, list(states))
 
         try:
             with torch.inference_mode():
-                waits = host_syncs(lambda: (draw(greedy, sampled), draw(sampled)), pinned_ok=True)
+                waits = host_syncs(lambda: (draw(greedy, sampled, penalized), draw(sampled)), pinned_ok=True)
         except Exception as exc:
             waits = [_describe(exc)]
         if waits:
@@ -941,8 +952,12 @@ class Engine:
         return next_tokens(logits, [r.state for r in rows], self.grammars, self.vocab_limit)
 
     def _choose(self, hidden: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """The rows' next tokens, left on the device (plain rows: no grammar, nothing read back)."""
-        return choose(self.model.lm_head(hidden), [r.state for r in rows], None, self.vocab_limit)
+        """The rows' next tokens, left on the device (plain rows: no grammar, nothing read back), each counted
+        there for its penalties (the next pass's draw, launched before these are read, needs them)."""
+        states = [r.state for r in rows]
+        tokens = choose(self.model.lm_head(hidden), states, None, self.vocab_limit)
+        count_on_device(tokens, states)
+        return tokens
 
     def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict. hidden: [L, H]."""
