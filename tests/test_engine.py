@@ -817,18 +817,33 @@ def ahead_engine(model, **kw) -> tuple[Engine, list[int]]:
     """An engine with async decoding (`server.async_scheduling`: on a GPU its passes are launched before the
     last one's tokens are read; here, from static buffers, the same order run eagerly) and a count of the
     passes it launched that way (and, second, of those launched while a request waited and another pass
-    was in flight)."""
+    was in flight; third, of those with a row asking for logprobs)."""
     engine = Engine(model, 4096, decode_graphs=True, async_decode=True, **kw)
-    launched = [0, 0]
+    launched = [0, 0, 0]
     ahead = engine._run_ahead
 
     def counting(plan):
         launched[0] += 1
         launched[1] += bool(engine._held or engine._preempted) and engine._inflight is not None
+        launched[2] += any(row.stream.params.logprobs is not None for row, _ in plan)
         return ahead(plan)
 
     engine._run_ahead = counting
     return engine, launched
+
+
+def logprobs_handed(engine: Engine) -> dict[tuple, list]:
+    """Every TokenLogprob `engine` hands out from now on, by the request's prompt."""
+    handed: dict[tuple, list] = {}
+    emit = engine._emit
+
+    def recording(row, token, logprob=None):
+        if logprob is not None:
+            handed.setdefault(tuple(row.stream.prompt_ids), []).append(logprob)
+        emit(row, token, logprob)
+
+    engine._emit = recording
+    return handed
 
 
 def first_new(tokens: list[int], at: int) -> int:
@@ -841,21 +856,23 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     and finish of passes read one by one, while requests arrive mid-generation (a prefill pass reads first)
     and leave by length or a stop id (the pass launched ahead computed one token more for it, dropped),
     rows sample greedily and seeded (top_k, top_p, min_p) side by side, penalized rows count their tokens
-    on the device, and rows that need each token first (logprobs, min_tokens not reached) run beside them;
-    every block comes back."""
+    on the device, logprobs (top ones too) come back with the tokens, and a row that needs each token first
+    (min_tokens not reached) runs beside them; every block comes back."""
     ids = prompts(20, 27, 35, 18, 41, 30, 25, 22)
-    stepwise = Engine(sharp, 4096, decode_graphs=True).start()
+    stepwise = Engine(sharp, 4096, decode_graphs=True)
+    handed = {False: logprobs_handed(stepwise)}
+    stepwise.start()
     try:
         [(plain, _, _, _), (early, _, _, _)] = run(stepwise, [(ids[4], greedy(30)), (ids[5], greedy(20))])
         jobs = [
             (ids[0], greedy(24)),
-            (ids[1], greedy(12, logprobs=0)),  # its passes read each token first
+            (ids[1], greedy(12, logprobs=3)),
             (ids[2], SamplingParams(30, temperature=0.9, top_k=40, top_p=0.9, seed=3)),
             (ids[3], SamplingParams(20, temperature=1.0, min_p=0.05, seed=5)),
             (ids[4], greedy(30, stop_token_ids=(first_new(plain, 6),))),  # stops at its 7th token
             (ids[5], greedy(20, min_tokens=4, stop_token_ids=(first_new(early, 1),))),  # banned until 4
             (ids[6], greedy(30, frequency_penalty=1.5, presence_penalty=0.5)),  # counts kept on the device
-            (ids[7], SamplingParams(30, temperature=0.8, repetition_penalty=1.5, seed=9)),
+            (ids[7], SamplingParams(30, temperature=0.8, repetition_penalty=1.5, seed=9, logprobs=1)),
         ]
         want = [r[:3] for r in run(stepwise, jobs, stagger=0.03)]
     finally:
@@ -872,6 +889,7 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
         emit(row, token, logprob)
 
     engine._emit = emitting
+    handed[True] = logprobs_handed(engine)
     engine.start()
     try:
         got = [r[:3] for r in run(engine, jobs, stagger=0.03)]
@@ -885,8 +903,13 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
         generated = torch.tensor(row.tokens[len(row.stream.prompt_ids) :])
         assert torch.equal(row.state.counts, torch.bincount(generated, minlength=len(row.state.counts)).float())
     assert len(penalized) == 2
-    assert got[1][1] == pytest.approx(want[1][1], abs=ATOL)
-    assert launched[0] > 10  # (how many depends on when the others arrive and leave)
+    assert got[1][1] == pytest.approx(want[1][1], abs=ATOL) and got[7][1] == pytest.approx(want[7][1], abs=ATOL)
+    for prompt in (ids[1], ids[7]):
+        ahead, stepped = handed[True][tuple(prompt)], handed[False][tuple(prompt)]
+        assert [[t for t, _ in lp.top] for lp in ahead] == [[t for t, _ in lp.top] for lp in stepped]
+        assert [v for lp in ahead for _, v in lp.top] == pytest.approx([v for lp in stepped for _, v in lp.top])
+    assert len(handed[True][tuple(ids[1])]) == 12 and len(handed[True][tuple(ids[1])][0].top) == 3
+    assert launched[0] > 10 and launched[2] > 5  # (how many depends on when the others arrive and leave)
     assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)
 
 

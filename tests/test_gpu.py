@@ -164,13 +164,13 @@ def test_cuda_graphs_answer_as_eager_passes(cuda_model):
 def test_passes_launched_ahead_answer_as_passes_read_one_by_one(cuda_model):
     """Async decoding (server.async_scheduling, on by default with CUDA graphs): passes launched before the
     last pass's tokens are read back, their input ids taken from those on the GPU, give the tokens of
-    passes read one by one (the same graphs: the same bits), for greedy, seeded and penalized rows, rows
-    leaving by length and by a stop id (the token computed ahead for it dropped)."""
+    passes read one by one (the same graphs: the same bits), tokens and logprobs, for greedy, seeded and
+    penalized rows, rows leaving by length and by a stop id (the token computed ahead for it dropped)."""
     gen = torch.Generator().manual_seed(3)
     ids = [torch.randint(100, 30000, (n,), generator=gen).tolist() for n in (20, 45, 70, 33)]
     jobs = [
         (ids[0], SamplingParams(24, temperature=0.0)),
-        (ids[1], SamplingParams(12, temperature=0.0)),
+        (ids[1], SamplingParams(12, temperature=0.0, logprobs=2)),
         (ids[2], SamplingParams(30, temperature=0.9, top_p=0.9, top_k=50, seed=4)),
         (ids[3], SamplingParams(30, temperature=0.0, frequency_penalty=1.0, repetition_penalty=1.3)),
     ]
@@ -186,17 +186,17 @@ def test_passes_launched_ahead_answer_as_passes_read_one_by_one(cuda_model):
         engine._run_ahead = counting
         engine.start()
         try:
-            return [tokens for tokens, _ in run(engine, jobs)], launched[0], engine.decode_mode
+            return run(engine, jobs), launched[0], engine.decode_mode
         finally:
             engine.shutdown()
 
-    [first, *_], _, _ = answers(False, jobs)
+    [(first, _), *_], _, _ = answers(False, jobs)
     stop = next(t for i, t in enumerate(first) if i >= 5 and t not in first[:i])
     jobs.append((ids[0], SamplingParams(24, temperature=0.0, stop_token_ids=(stop,))))
     want, none, _ = answers(False, jobs)
     got, launched, mode = answers(True, jobs)
     assert (none, mode) == (0, "from CUDA graphs, launched a pass ahead") and launched > 20
-    assert got == want and len(got[4]) == first.index(stop) + 1
+    assert got == want and len(got[4][0]) == first.index(stop) + 1 and len(got[1][1]) == 12
 
 
 def test_the_sync_check_tells_copies_that_do_not_wait_apart():

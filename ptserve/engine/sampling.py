@@ -233,14 +233,20 @@ def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, top: int) -> list[T
 
     logits: [N, V] raw; targets: [N] token ids. One TokenLogprob per row.
     """
+    return read_logprobs(*(t.tolist() for t in logprob_tensors(logits, targets, top)))
+
+
+def logprob_tensors(logits: torch.Tensor, targets: torch.Tensor, top: int) -> tuple[torch.Tensor, ...]:
+    """`logprobs_of` left on the logits' device: the targets' log-probabilities [N], the `top` largest [N, top]
+    and their ids [N, top]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
-    if top > 0:
-        values, ids = logp.topk(top, dim=-1)
-        pairs = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
-    else:
-        pairs = [() for _ in chosen]
-    return [TokenLogprob(lp, p) for lp, p in zip(chosen, pairs, strict=True)]
+    values, ids = logp.topk(top, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), values, ids
+
+
+def read_logprobs(chosen: list[float], values: list[list[float]], ids: list[list[int]]) -> list[TokenLogprob]:
+    """`logprob_tensors`' values, read back, as one TokenLogprob a row."""
+    return [TokenLogprob(lp, tuple(zip(i, v, strict=True))) for lp, v, i in zip(chosen, values, ids, strict=True)]
 
 
 def apply_grammars(logits: torch.Tensor, states: list[RowState], grammars: GrammarBackend) -> torch.Tensor:
@@ -266,16 +272,30 @@ def next_tokens(
     53 padding rows past its 32,011 tokens: they have no text); logprobs stay the model's own."""
     tokens_t = choose(logits, states, grammars, vocab_limit)
     tokens = tokens_t.tolist()
-    logprobs: list[TokenLogprob | None] = [None] * len(states)
-    asked = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-    if asked:
-        top = max(states[i].params.logprobs for i in asked)
-        found = logprobs_of(logits[asked], tokens_t[asked], top)
-        for i, lp in zip(asked, found, strict=True):
-            logprobs[i] = TokenLogprob(lp.logprob, lp.top[: states[i].params.logprobs])
+    asked = logprobs_asked(logits, tokens_t, states)
+    logprobs = hand_logprobs(states, *(t.tolist() for t in asked)) if asked else [None] * len(states)
     for s, t in zip(states, tokens, strict=True):
         s.record(t)
     return tokens, logprobs
+
+
+def logprobs_asked(logits: torch.Tensor, tokens: torch.Tensor, states: list[RowState]) -> tuple[torch.Tensor, ...]:
+    """`logprob_tensors` of the rows that ask for logprobs (their row numbers first, [A]), on the device; ()
+    when none asks. logits: the raw [B, V]; tokens: [B] drawn."""
+    asked = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    if not asked:
+        return ()
+    top = max(states[i].params.logprobs for i in asked)
+    index = on_device(asked, logits.device)
+    return (index, *logprob_tensors(logits.index_select(0, index), tokens.index_select(0, index), top))
+
+
+def hand_logprobs(states: list[RowState], asked: list[int], *values) -> list[TokenLogprob | None]:
+    """`logprobs_asked`, read back: each row's TokenLogprob (its own number of top ones), None where not asked."""
+    logprobs: list[TokenLogprob | None] = [None] * len(states)
+    for i, lp in zip(asked, read_logprobs(*values), strict=True):
+        logprobs[i] = TokenLogprob(lp.logprob, lp.top[: states[i].params.logprobs])
+    return logprobs
 
 
 def choose(

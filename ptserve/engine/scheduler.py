@@ -61,6 +61,8 @@ from ptserve.engine.sampling import (
     TokenLogprob,
     choose,
     count_on_device,
+    hand_logprobs,
+    logprobs_asked,
     logprobs_of,
     next_tokens,
 )
@@ -664,7 +666,7 @@ class Engine:
         self.pool.zero(self.blocks.take_fresh())
         try:
             hidden = self._bucketed_decode(plan, flight)
-            launched = None if hidden is None else _Flight(rows, self._choose(hidden, rows))
+            launched = None if hidden is None else _Flight(rows, *self._choose(hidden, rows))
         except Exception as exc:
             if is_fatal(exc):
                 raise
@@ -711,14 +713,10 @@ class Engine:
     @staticmethod
     def _plain(row: _Row) -> bool:
         """Whether a row's next token may be drawn before its last one is read: no grammar (its mask follows
-        the last token), no logprobs to read back, min_tokens reached (penalties count tokens on the device)."""
+        the last token), min_tokens reached (penalties count tokens on the device, logprobs come back with
+        the tokens)."""
         state, params = row.state, row.stream.params
-        return (
-            state.matcher is None
-            and params.logprobs is None
-            and not row.scoring
-            and state.generated >= params.min_tokens
-        )
+        return state.matcher is None and not row.scoring and state.generated >= params.min_tokens
 
     def _land(self, flight: _Flight | None = None) -> None:
         """Read the tokens of a pass in flight (`_inflight` by default: waiting for that pass only) and hand
@@ -731,13 +729,16 @@ class Engine:
             self._fail_rows([r for r in flight.rows if r.finish is None], _describe(exc))
 
     def _hand_out(self, flight: _Flight) -> None:
-        for row, token in zip(flight.rows, flight.read(), strict=True):
+        tokens, asked = flight.read()
+        states = [r.state for r in flight.rows]
+        logprobs = hand_logprobs(states, *asked) if asked else [None] * len(tokens)
+        for row, token, logprob in zip(flight.rows, tokens, logprobs, strict=True):
             row.ahead -= 1
             if row.finish is not None:
                 continue
             row.state.record(token, counted=True)  # (penalties' counts: `_choose` did)
             row.tokens.append(token)
-            self._emit(row, token)
+            self._emit(row, token, logprob)
             self._offer(row, 0, now=False)  # a block this token completes (its keys: a pass already launched)
         GenerationStream._publish_all(self._outbox)
         self._outbox = []
@@ -874,23 +875,30 @@ class Engine:
         return graphs
 
     def _draws_without_waiting(self) -> bool:
-        """Whether drawing a pass's tokens (`_choose`: lm_head, sampling and penalties' counts; greedy, sampled
-        (seed, top-k, top-p, min-p) and penalized rows, together and apart) leaves the host free, as passes
-        launched ahead need (a copy or a read that waits would make each launch wait for the pass before it);
-        else False, with a warning saying what waits. Checked once, at start."""
+        """Whether drawing a pass's tokens (`_choose`: lm_head, sampling, penalties' counts and logprobs;
+        greedy, sampled (seed, top-k, top-p, min-p) and penalized rows, together and apart) leaves the host
+        free, as passes launched ahead need (a copy or a read that waits would make each launch wait for the
+        pass before it); else False, with a warning saying what waits. Checked once, at start."""
         hidden = torch.zeros(3, self.model.config.hidden_size, dtype=self.kv_dtype, device=self.device)
         settings = (
             SamplingParams(1, temperature=0.0),
             SamplingParams(1, temperature=0.8, top_p=0.9, top_k=5, min_p=0.01, seed=0),
             SamplingParams(
-                1, frequency_penalty=0.5, presence_penalty=0.5, repetition_penalty=1.2, logit_bias=((7, 1.0),)
+                1,
+                frequency_penalty=0.5,
+                presence_penalty=0.5,
+                repetition_penalty=1.2,
+                logit_bias=((7, 1.0),),
+                logprobs=2,
             ),
         )
         greedy, sampled, penalized = (RowState.create(p, [0], self.vocab_size, self.device) for p in settings)
 
         def draw(*states: RowState) -> None:
-            tokens = choose(self.model.lm_head(hidden[: len(states)]), list(states), None, self.vocab_limit)
+            logits = self.model.lm_head(hidden[: len(states)])
+            tokens = choose(logits, list(states), None, self.vocab_limit)
             count_on_device(tokens, list(states))
+            logprobs_asked(logits, tokens, list(states))
 
         try:
             with torch.inference_mode():
@@ -951,13 +959,15 @@ class Engine:
         logits = self.model.lm_head(hidden)  # [n, V]
         return next_tokens(logits, [r.state for r in rows], self.grammars, self.vocab_limit)
 
-    def _choose(self, hidden: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """The rows' next tokens, left on the device (plain rows: no grammar, nothing read back), each counted
-        there for its penalties (the next pass's draw, launched before these are read, needs them)."""
+    def _choose(self, hidden: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The rows' next tokens and the logprobs asked (`sampling.logprobs_asked`), left on the device (plain
+        rows: no grammar), each token counted there for its penalties (the next pass's draw, launched
+        before these are read, needs them)."""
         states = [r.state for r in rows]
-        tokens = choose(self.model.lm_head(hidden), states, None, self.vocab_limit)
+        logits = self.model.lm_head(hidden)
+        tokens = choose(logits, states, None, self.vocab_limit)
         count_on_device(tokens, states)
-        return tokens
+        return tokens, logprobs_asked(logits, tokens, states)
 
     def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens this chunk's positions predict. hidden: [L, H]."""
@@ -1016,25 +1026,29 @@ class Engine:
 
 class _Flight:
     """A decoding pass whose sampled tokens are not yet read (async decoding): the next pass takes them as
-    input ids on the device; on CUDA they are also copied to pinned host memory as soon as drawn, so that
-    reading them waits for this pass only, not for the one launched after it."""
+    input ids on the device; on CUDA they (and the logprobs asked, `sampling.logprobs_asked`) are also
+    copied to pinned host memory as soon as drawn, so that reading them waits for this pass only, not for
+    the one launched after it."""
 
-    def __init__(self, rows: list[_Row], tokens: torch.Tensor):
+    def __init__(self, rows: list[_Row], tokens: torch.Tensor, logprobs: tuple[torch.Tensor, ...] = ()):
         self.rows = rows
         self.tokens = tokens  # [len(rows)] long, on the device
         self.index = {id(r): i for i, r in enumerate(rows)}
         self._done = None
-        self._host = tokens
+        self._host = (tokens, *logprobs)
         if tokens.device.type == "cuda":
-            self._host = torch.empty(len(rows), dtype=torch.long, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            self._host = tuple(torch.empty_like(t, device="cpu", pin_memory=True) for t in self._host)
+            for host, t in zip(self._host, (tokens, *logprobs), strict=True):
+                host.copy_(t, non_blocking=True)
             self._done = torch.cuda.Event()
             self._done.record(torch.cuda.current_stream(tokens.device))
 
-    def read(self) -> list[int]:
+    def read(self) -> tuple[list[int], list]:
+        """The tokens, and the logprobs asked read back (`sampling.hand_logprobs`' arguments; () if none)."""
         if self._done is not None:
             self._done.synchronize()
-        return self._host.tolist()
+        tokens, *logprobs = (t.tolist() for t in self._host)
+        return tokens, logprobs
 
 
 def _describe(exc: BaseException) -> str:
