@@ -683,11 +683,13 @@ def test_decode_step_compiles_once_per_bucket_and_never_again(sharp_compilable):
                 torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
 
 
-def test_a_gpus_compiled_decode_compiles_once_for_every_bucket(sharp_compilable):
+def test_a_gpus_compiled_decode_compiles_once_for_every_bucket(sharp_compilable, monkeypatch):
     """The decoding pass as a GPU compiles it (server.compile_decode there): its rows and blocks dimensions
-    symbolic, the rows in one gather call, run from static buffers (graphs.py; here eagerly, on a GPU
-    captured) — one compile serves every bucket from 2 rows x 2 blocks on, powers of two or not, and every
-    pass equals the eager one."""
+    symbolic, the rows in one gather call, the rotation in 4 kernels (rope.fuse_rotary, as the loader routes
+    it on a GPU), run from static buffers (graphs.py; here eagerly, on a GPU captured) — one compile serves
+    every bucket from 2 rows x 2 blocks on, powers of two or not, while eager passes between them change
+    the rotation's cached sine, and every pass equals the eager one."""
+    from ptserve.engine import rope
     from ptserve.engine.graphs import DecodeGraphs
 
     engine = Engine(sharp_compilable, 4096)
@@ -695,15 +697,20 @@ def test_a_gpus_compiled_decode_compiles_once_for_every_bucket(sharp_compilable)
     engine._decode = torch.compile(engine._decode_step, fullgraph=True)
     graphs = DecodeGraphs(engine._marked_decode, engine.device, capture=False)
     inputs = RandomDecode(engine, seed=4)
+    monkeypatch.setattr(rope, "FUSED_ON", {"cpu"})
+    assert rope.fuse_rotary()
 
     buckets = [(2, 2), (4, 2), (2, 4), (8, 4), (16, 8), (3, 5), (64, 2)]
-    with torch.inference_mode():
-        for k, (rows, width) in enumerate(buckets):
-            ids, positions, slots, lens, tables = inputs(rows, width)
-            with torch._dynamo.config.patch(error_on_recompile=k > 0):  # the first call compiles, no other
-                got = graphs(ids.tolist(), positions.tolist(), slots.tolist(), lens.tolist(), tables.tolist())
-            want = engine._decode_step(*step_args(ids, positions, slots, lens, tables))
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    try:
+        with torch.inference_mode():
+            for k, (rows, width) in enumerate(buckets):
+                ids, positions, slots, lens, tables = inputs(rows, width)
+                want = engine._decode_step(*step_args(ids, positions, slots, lens, tables))  # (eager: a new sine)
+                with torch._dynamo.config.patch(error_on_recompile=k > 0):  # the first call compiles, no other
+                    got = graphs(ids.tolist(), positions.tolist(), slots.tolist(), lens.tolist(), tables.tolist())
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    finally:
+        rope.unfuse_rotary()
 
 
 def test_compiled_decode_updates_the_pool_in_place(sharp_compilable):
@@ -832,18 +839,29 @@ def ahead_engine(model, **kw) -> tuple[Engine, list[int]]:
     return engine, launched
 
 
-def logprobs_handed(engine: Engine) -> dict[tuple, list]:
-    """Every TokenLogprob `engine` hands out from now on, by the request's prompt."""
-    handed: dict[tuple, list] = {}
+def handed_out(engine: Engine) -> tuple[dict[tuple, object], dict[tuple, list]]:
+    """The rows `engine` hands tokens to from now on, and every TokenLogprob it hands out, by prompt."""
+    rows: dict[tuple, object] = {}
+    logprobs: dict[tuple, list] = {}
     emit = engine._emit
 
     def recording(row, token, logprob=None):
+        rows[tuple(row.stream.prompt_ids)] = row
         if logprob is not None:
-            handed.setdefault(tuple(row.stream.prompt_ids), []).append(logprob)
+            logprobs.setdefault(tuple(row.stream.prompt_ids), []).append(logprob)
         emit(row, token, logprob)
 
     engine._emit = recording
-    return handed
+    return rows, logprobs
+
+
+def assert_counted_once(rows) -> None:
+    """Each penalized row's counts hold each of its generated tokens once (counted on the device when drawn
+    ahead, on the host when read)."""
+    for row in rows:
+        if row.state.counts is not None:
+            generated = torch.tensor(row.tokens[len(row.stream.prompt_ids) :])
+            assert torch.equal(row.state.counts, torch.bincount(generated, minlength=len(row.state.counts)).float())
 
 
 def first_new(tokens: list[int], at: int) -> int:
@@ -860,7 +878,7 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     (min_tokens not reached) runs beside them; every block comes back."""
     ids = prompts(20, 27, 35, 18, 41, 30, 25, 22)
     stepwise = Engine(sharp, 4096, decode_graphs=True)
-    handed = {False: logprobs_handed(stepwise)}
+    handed = {False: handed_out(stepwise)[1]}
     stepwise.start()
     try:
         [(plain, _, _, _), (early, _, _, _)] = run(stepwise, [(ids[4], greedy(30)), (ids[5], greedy(20))])
@@ -879,17 +897,15 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
         stepwise.shutdown()
     engine, launched = ahead_engine(sharp)
     assert engine.decode_mode == "from static buffers, launched a pass ahead"
-    late, penalized, emit = [], {}, engine._emit
+    late, emit = [], engine._emit
 
     def emitting(row, token, logprob=None):
         if row.finish is not None:
             late.append(token)  # a token handed out after its row finished
-        if row.state.counts is not None:
-            penalized[id(row)] = row
         emit(row, token, logprob)
 
     engine._emit = emitting
-    handed[True] = logprobs_handed(engine)
+    rows, handed[True] = handed_out(engine)
     engine.start()
     try:
         got = [r[:3] for r in run(engine, jobs, stagger=0.03)]
@@ -899,10 +915,8 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     assert [(t, f) for t, _, f in got] == [(t, f) for t, _, f in want]
     assert [len(t) for t, _, _ in got] == [24, 12, 30, 20, 7, len(want[5][0]), 30, 30]
     assert late == []
-    for row in penalized.values():  # each generated token counted once (on the device, or when read)
-        generated = torch.tensor(row.tokens[len(row.stream.prompt_ids) :])
-        assert torch.equal(row.state.counts, torch.bincount(generated, minlength=len(row.state.counts)).float())
-    assert len(penalized) == 2
+    assert_counted_once(rows.values())
+    assert sum(row.state.counts is not None for row in rows.values()) == 2
     assert got[1][1] == pytest.approx(want[1][1], abs=ATOL) and got[7][1] == pytest.approx(want[7][1], abs=ATOL)
     for prompt in (ids[1], ids[7]):
         ahead, stepped = handed[True][tuple(prompt)], handed[False][tuple(prompt)]
@@ -942,13 +956,19 @@ def test_async_decoding_cancels_and_preempts_as_passes_read_one_by_one(sharp):
     assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)
 
     ids = prompts(20, 24, 28, 33)
-    jobs = [(p, greedy(40)) for p in ids[:2]] + [(p, SamplingParams(40, temperature=1.0, seed=7)) for p in ids[2:]]
+    jobs = [  # penalized rows and logprobs too (their counts kept across the recomputation)
+        (ids[0], greedy(40, frequency_penalty=1.5, presence_penalty=0.5, logprobs=2)),
+        (ids[1], greedy(40, repetition_penalty=1.5, min_tokens=5, stop_token_ids=(5,))),
+        (ids[2], SamplingParams(40, temperature=1.0, seed=7, frequency_penalty=1.0, logprobs=0)),
+        (ids[3], SamplingParams(40, temperature=1.0, seed=8)),
+    ]
     alone = Engine(sharp, 4096).start()
     try:
         want = [run(alone, [job])[0][:3] for job in jobs]
     finally:
         alone.shutdown()
     engine, launched = ahead_engine(sharp, kv_budget_bytes=13 * alone.bytes_per_block, prefix_caching=False)
+    rows, _ = handed_out(engine)
     engine.start()
     try:
         got = [r[:3] for r in run(engine, jobs)]
@@ -957,6 +977,9 @@ def test_async_decoding_cancels_and_preempts_as_passes_read_one_by_one(sharp):
         engine.shutdown()
     assert engine.preemptions > 0 and launched[0] > 0 and launched[1] > 0
     assert [(t, f) for t, _, f in got] == [(t, f) for t, _, f in want]
+    for (_, logprobs, _), (_, alone_logprobs, _) in zip(got, want, strict=True):
+        assert logprobs == pytest.approx(alone_logprobs, abs=ATOL)
+    assert_counted_once(rows.values())
     assert (engine._inflight, engine.blocks.used) == (None, 0)
 
 

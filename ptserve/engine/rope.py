@@ -64,7 +64,9 @@ def pin_longrope(model: torch.nn.Module, context_length: int) -> str | None:
 
 
 FUSED_ON = {"cuda"}  # device types whose rotations `fuse_rotary` routes through `rotate`
-_signed: tuple = (None, None)  # (the sine of the pass being run, its signed form), one tuple: thread-safe reads
+# (the sine of the pass being run, its signed form), one tuple: thread-safe reads; after a CUDA graph capture
+# they may be the graph pool's tensors: kept for their identity only, never read again
+_signed: tuple = (None, None)
 
 
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

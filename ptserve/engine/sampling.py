@@ -148,7 +148,7 @@ def apply_penalties(logits: torch.Tensor, states: list[RowState]) -> torch.Tenso
     for i, s in enumerate(states):
         p = s.params
         if p.min_tokens and s.generated < p.min_tokens and p.stop_token_ids:
-            logits[i, list(p.stop_token_ids)] = float("-inf")
+            logits[i].index_fill_(0, on_device(list(p.stop_token_ids), logits.device), float("-inf"))
         if s.bias is not None:
             logits[i] += s.bias
     rows = [i for i, s in enumerate(states) if s.counts is not None]
@@ -173,9 +173,11 @@ def apply_penalties(logits: torch.Tensor, states: list[RowState]) -> torch.Tenso
 def count_on_device(tokens: torch.Tensor, states: list[RowState]) -> None:
     """Add each penalized row's token to its counts where the tokens are (a pass launched ahead: not yet
     read); `RowState.record(token, counted=True)` once read."""
+    one = None
     for i, s in enumerate(states):
         if s.counts is not None:
-            s.counts.index_add_(0, tokens[i : i + 1], torch.ones(1, dtype=s.counts.dtype, device=s.counts.device))
+            one = torch.ones(1, dtype=s.counts.dtype, device=s.counts.device) if one is None else one
+            s.counts.index_add_(0, tokens[i : i + 1], one)
 
 
 def sample(
@@ -279,21 +281,25 @@ def next_tokens(
     return tokens, logprobs
 
 
+def _asking(states: list[RowState]) -> list[int]:
+    return [i for i, s in enumerate(states) if s.params.logprobs is not None]
+
+
 def logprobs_asked(logits: torch.Tensor, tokens: torch.Tensor, states: list[RowState]) -> tuple[torch.Tensor, ...]:
-    """`logprob_tensors` of the rows that ask for logprobs (their row numbers first, [A]), on the device; ()
-    when none asks. logits: the raw [B, V]; tokens: [B] drawn."""
-    asked = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    """`logprob_tensors` of the rows that ask for logprobs, in row order, on the device; () when none asks.
+    logits: the raw [B, V]; tokens: [B] drawn."""
+    asked = _asking(states)
     if not asked:
         return ()
     top = max(states[i].params.logprobs for i in asked)
     index = on_device(asked, logits.device)
-    return (index, *logprob_tensors(logits.index_select(0, index), tokens.index_select(0, index), top))
+    return logprob_tensors(logits.index_select(0, index), tokens.index_select(0, index), top)
 
 
-def hand_logprobs(states: list[RowState], asked: list[int], *values) -> list[TokenLogprob | None]:
+def hand_logprobs(states: list[RowState], *values) -> list[TokenLogprob | None]:
     """`logprobs_asked`, read back: each row's TokenLogprob (its own number of top ones), None where not asked."""
     logprobs: list[TokenLogprob | None] = [None] * len(states)
-    for i, lp in zip(asked, read_logprobs(*values), strict=True):
+    for i, lp in zip(_asking(states), read_logprobs(*values), strict=True):
         logprobs[i] = TokenLogprob(lp.logprob, lp.top[: states[i].params.logprobs])
     return logprobs
 

@@ -716,7 +716,8 @@ class Engine:
         the last token), min_tokens reached (penalties count tokens on the device, logprobs come back with
         the tokens)."""
         state, params = row.state, row.stream.params
-        return state.matcher is None and not row.scoring and state.generated >= params.min_tokens
+        ready = state.generated >= params.min_tokens or not params.stop_token_ids  # (the ban is on stop ids)
+        return state.matcher is None and not row.scoring and ready
 
     def _land(self, flight: _Flight | None = None) -> None:
         """Read the tokens of a pass in flight (`_inflight` by default: waiting for that pass only) and hand
@@ -1044,7 +1045,7 @@ class _Flight:
             self._done.record(torch.cuda.current_stream(tokens.device))
 
     def read(self) -> tuple[list[int], list]:
-        """The tokens, and the logprobs asked read back (`sampling.hand_logprobs`' arguments; () if none)."""
+        """The tokens, and the logprobs asked, read back (`sampling.hand_logprobs`' values; [] if none)."""
         if self._done is not None:
             self._done.synchronize()
         tokens, *logprobs = (t.tolist() for t in self._host)
