@@ -8,7 +8,9 @@ with torch 2.11). This kernel reads each row's blocks where they lie, through it
 attention kernels do (vLLM's first, SGLang's Triton decode attention): one program per row, query head and
 split of the row's blocks, an online softmax over 16-token blocks in float32, each split's output and
 log-sum-exp merged after (flash decoding: a short batch of long rows still fills the GPU). One kernel and
-a short merge a layer, in place of the gather's copies and SDPA's calls; it runs inside CUDA graphs.
+a short merge a layer, in place of the gather's copies and SDPA's calls; it runs inside CUDA graphs. The merge is a
+second small kernel (one program per row and head: the splits' outputs weighed by the softmax of their
+log-sum-exps, written in the queries' dtype), one launch where torch's ops took four.
 
 Triton comes with torch's CUDA builds; where it is missing, or the start-up check (`works`) finds the kernel
 refused or disagreeing with the gathered SDPA path, the engine keeps that path. The tests run the kernel on
@@ -125,6 +127,37 @@ if triton is not None:
         tl.store(out_ptr + row * stride_ob + head * stride_oh + split * stride_os + d, out, mask=in_dim)
         tl.store(lse_ptr + row * stride_lb + head * stride_lh + split + tl.arange(0, 1), lse)
 
+    @triton.jit(do_not_specialize=["count", "stride_ob", "stride_oh", "stride_lb", "stride_lh", "stride_rb"])
+    def _merge_splits(
+        out_ptr,  # [B, H, S, D] float32: each split's output (the head dimension contiguous)
+        lse_ptr,  # [B, H, S] float32: each split's log-sum-exp (-inf: no token; the splits contiguous)
+        result_ptr,  # [B, H, D] in the queries' dtype (contiguous)
+        count,
+        stride_ob,
+        stride_oh,
+        stride_lb,
+        stride_lh,
+        stride_rb,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_S: tl.constexpr,  # count rounded up to a power of two
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        lse = tl.load(lse_ptr + row * stride_lb + head * stride_lh + s, mask=s < count, other=float("-inf"))
+        seen = lse > float("-inf")
+        m = tl.max(lse, 0)
+        w = tl.where(seen, tl.exp(lse - m), 0.0)  # each split's share: softmax over the log-sum-exps
+        total = tl.sum(w, 0)
+        w = w / tl.where(total > 0, total, 1.0)
+        at = out_ptr + row * stride_ob + head * stride_oh + s[:, None] * HEAD_DIM + d[None, :]
+        o = tl.load(at, mask=seen[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        merged = tl.sum(o * w[:, None], 0)
+        at = result_ptr + row * stride_rb + head * HEAD_DIM + d
+        tl.store(at, merged.to(result_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
 
 def splits(rows: int, heads: int, width: int) -> tuple[int, int]:
     """(splits, blocks per split) for rows of `width` blocks: from shapes only (a CUDA graph's are fixed)."""
@@ -177,10 +210,24 @@ def decode(
         HEAD_DIM=dim,
         BLOCK_D=1 << (dim - 1).bit_length(),
     )
-    if count == 1:
-        return out[:, :, 0].to(q.dtype)
-    weights = torch.softmax(lse, -1).unsqueeze(-1)  # [B, H, S, 1]: each split's share
-    return (out * weights).sum(2).to(q.dtype)
+    # the splits merged and the result in q's dtype, one kernel (torch's softmax, product, sum and cast
+    # were four launches a layer; one split: only the cast, still one)
+    result = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
+    _merge_splits[(rows, heads)](
+        out,
+        lse,
+        result,
+        count,
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        lse.stride(1),
+        result.stride(0),
+        HEAD_DIM=dim,
+        BLOCK_D=1 << (dim - 1).bit_length(),
+        BLOCK_S=1 << (count - 1).bit_length(),
+    )
+    return result
 
 
 def works(device, dtype, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:
