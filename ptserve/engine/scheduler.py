@@ -33,7 +33,10 @@ One engine thread loops:
                only), then a token for every row whose tokens are all computed
   3. retire    finished and cancelled rows leave; their blocks go back to the pool (or stay cached)
 and sleeps on the queue when there is nothing to do (no busy polling). The pool is allocated once, at
-start, from the KV budget (blocks.py, paged.py).
+start, from the KV budget (blocks.py, paged.py). With async decoding (a GPU's CUDA graphs,
+`server.async_scheduling`), a decoding pass is launched before the tokens of the pass before it are read:
+its rows' input ids that are still on the device are taken there, and the previous pass's tokens are read
+and handed out while it runs (`Engine._run_ahead`); anything that needs them on the host first reads them.
 """
 
 from __future__ import annotations
