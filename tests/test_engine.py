@@ -927,6 +927,40 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)
 
 
+def test_async_decoding_answers_as_passes_read_one_by_one_for_random_mixes(sharp):
+    """16 requests of random lengths and settings (greedy, seeded top-k / top-p / min-p, penalties, logprobs,
+    min_tokens, logit_bias), a few at a time (max_seqs 3: the rest wait) in a pool small enough to preempt:
+    passes launched ahead give each the tokens, finish and logprobs of passes read one by one."""
+    gen = torch.Generator().manual_seed(11)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    jobs = []
+    for k, n in enumerate(torch.randint(8, 70, (16,), generator=gen).tolist()):
+        settings = dict(temperature=pick(0.0, 0.7, 1.0), seed=k)
+        settings.update(pick({}, {"top_k": 20}, {"top_p": 0.8}, {"min_p": 0.1}))
+        settings.update(pick({}, {"frequency_penalty": 1.0}, {"presence_penalty": 0.5, "repetition_penalty": 1.3}))
+        settings.update(pick({}, {"logprobs": 0}, {"logprobs": 2}, {"min_tokens": 3, "stop_token_ids": (7,)}))
+        settings.update(pick({}, {"logit_bias": ((500, 5.0),)}))
+        jobs.append((prompts(n, seed=k)[0], SamplingParams(int(torch.randint(4, 30, (1,), generator=gen)), **settings)))
+    answers = {}
+    limits = dict(max_seqs=3, kv_budget_bytes=12 * Engine(sharp, 64, kv_budget_bytes=1 << 20).bytes_per_block)
+    for ahead in (False, True):
+        engine, launched = ahead_engine(sharp, **limits) if ahead else (Engine(sharp, 4096, **limits), None)
+        engine.start()
+        try:
+            answers[ahead] = [r[:3] for r in run(engine, jobs, stagger=0.01)]
+            settle(engine)
+        finally:
+            engine.shutdown()
+        assert engine.blocks.used == 0
+    assert engine.preemptions > 0 and launched[0] > 20 and launched[1] > 0 and launched[2] > 0
+    assert [(t, f) for t, _, f in answers[True]] == [(t, f) for t, _, f in answers[False]]
+    for (_, logprobs, _), (_, stepped, _) in zip(answers[True], answers[False], strict=True):
+        assert logprobs == pytest.approx(stepped, abs=ATOL)
+
+
 def test_async_decoding_caches_the_block_its_last_read_token_completes(sharp):
     """A block completed by a token still in flight when its pass was planned is offered to the prefix
     cache once the token is read: turn 2 of a conversation finds the same cached blocks as without async
