@@ -1069,6 +1069,35 @@ def triton_interpreter():
         pytest.skip("a GPU machine: tests/test_gpu.py runs the kernel compiled")
 
 
+def test_triton_rotation_equals_transformers(triton_interpreter, monkeypatch):
+    """The rotation in one Triton kernel (CUDA, where its start-up check agrees) gives transformers' Phi-3
+    rotation for queries and keys split from one projection as transformers makes them: grouped heads,
+    head size 96 (a padded power of two inside); `rotate` uses it once the check passed, and its torch
+    operations for inputs laid out otherwise."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    from ptserve.engine import rope
+
+    monkeypatch.setattr(rope, "_triton_on", False)
+    gen = torch.Generator().manual_seed(0)
+    for heads, kv_heads, dim, tokens in ((4, 4, 96, 3), (8, 2, 64, 5)):
+        qkv = torch.randn(1, tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+        q = qkv[..., : heads * dim].view(1, tokens, heads, dim).transpose(1, 2)
+        k = qkv[..., heads * dim : (heads + kv_heads) * dim].view(1, tokens, kv_heads, dim).transpose(1, 2)
+        cos, sin = (f(torch.randn(1, tokens, dim, generator=gen)) for f in (torch.cos, torch.sin))
+        want = apply_rotary_pos_emb(q, k, cos, sin)
+        for got, expected in zip(rope.rotate_triton(q, k, cos, sin), want, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert rope.triton_works("cpu", torch.float32, heads, kv_heads, dim) and rope._triton_on
+        for got, expected in zip(rope.rotate(q, k, cos, sin), want, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        apart = q.contiguous(), k.contiguous()  # not one projection's views: the torch operations
+        assert not rope._one_tensor(*apart, cos, sin)
+        for got, expected in zip(rope.rotate(*apart, cos, sin), want, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        monkeypatch.setattr(rope, "_triton_on", False)
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 96), (4, 2, 64)])
 def test_triton_decode_kernel_reads_each_rows_own_blocks(triton_interpreter, monkeypatch, heads, kv_heads, dim):
     """The Triton kernel for CUDA's decoding rows without the varlen kernel gives SDPA over each row's

@@ -41,6 +41,7 @@ def cuda_model(tmp_path_factory):
     rope.pin_longrope(model, 4096)  # as the server loads it
     rmsnorm.fuse(model)
     rope.fuse_rotary()
+    rope.triton_works("cuda", torch.bfloat16, 4, 4, 96)
     paged.install(model)
     return model
 
@@ -267,18 +268,23 @@ def test_fused_rms_norms_give_transformers_norms_on_the_gpu(cuda_model):
     torch.testing.assert_close(fused, plain, atol=0.1, rtol=0.05)
 
 
-def test_fused_rotation_gives_transformers_rotation_on_the_gpu(cuda_model):
-    """The rotation in 4 kernels a layer (the loader's choice on a GPU) against transformers' 12, bf16: the
+def test_fused_rotation_gives_transformers_rotation_on_the_gpu(cuda_model, monkeypatch):
+    """The rotation in one Triton kernel a layer (its start-up check passes: Triton comes with torch's CUDA
+    builds) and in 4 torch kernels (the loader's choices on a GPU) against transformers' 12, bf16: the
     logits agree up to bf16's rounding."""
+    assert rope._triton_on
     ids = torch.tensor([list(range(100, 164))], device="cuda")
     with torch.inference_mode():
-        fused = cuda_model(ids).logits.float()
+        one_kernel = cuda_model(ids).logits.float()
+        monkeypatch.setattr(rope, "_triton_on", False)
+        four_kernels = cuda_model(ids).logits.float()
         assert rope.unfuse_rotary()
         try:
             plain = cuda_model(ids).logits.float()
         finally:
             rope.fuse_rotary()
-    torch.testing.assert_close(fused, plain, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(four_kernels, plain, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(one_kernel, plain, atol=0.1, rtol=0.05)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)])

@@ -19,7 +19,10 @@ kernel of its own). `rotate` does both in one tensor: `cat([q, k])`, then `qk*co
 (`roll` by half the head is `cat(x2, x1)`; the sign goes into the sine, made once a pass for all layers):
 4 kernels. The same arithmetic, the last two roundings fused into one (`addcmul`). Like the fused RMSNorm
 (rmsnorm.py) the loader uses it on CUDA only: on the CPU it saved ~16 microseconds a layer (2 of a pass's
-~100 small operations at the cheap shape), and transformers' own code stays the reference there.
+~100 small operations at the cheap shape), and transformers' own code stays the reference there. Where
+Triton is there (torch's CUDA builds) and a start-up check agrees (`triton_works`), one Triton kernel does
+the whole rotation instead (one program per token and head, both halves in float32, rounded once): 1
+kernel a layer; not under torch.compile, whose inductor fuses the torch version itself.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ import logging
 import torch
 
 logger = logging.getLogger(__name__)
+
+try:  # Triton comes with torch's CUDA builds
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 LONGROPE = "longrope"
 PINNED = "longrope-pinned"  # not a type transformers' dynamic_rope_update acts on: inv_freq stays put
@@ -71,8 +80,11 @@ _signed: tuple = (None, None)
 
 def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """transformers' Phi-3 rotation of queries [B, H, T, D] and keys [B, KVH, T, D] by cos, sin [B, T, D]
-    (every dimension rotated), in 4 kernels: the rotated queries and keys, views of one tensor."""
+    (every dimension rotated), in 4 kernels (1 with the Triton kernel where `triton_works` said so): the
+    rotated queries and keys, views of one tensor."""
     global _signed
+    if _triton_on and not torch.compiler.is_compiling() and _one_tensor(q, k, cos, sin):
+        return rotate_triton(q, k, cos, sin)
     half = q.shape[-1] // 2
     cached_sin, signed = _signed
     if torch.compiler.is_compiling() or cached_sin is not sin:  # (compiled: inductor fuses it anyway)
@@ -83,6 +95,109 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     out = torch.addcmul(qk * cos.unsqueeze(1), qk.roll(half, dims=-1), signed)
     heads = q.shape[1]
     return out[:, :heads], out[:, heads:]
+
+
+_triton_on = False  # set by `triton_works` (the loader asks on CUDA)
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["stride_xt", "stride_xh", "stride_ct", "stride_st", "stride_ot", "stride_oh"])
+    def _rotate_kernel(
+        x_ptr,  # the queries' first element: queries then keys, one run of heads [H + KVH] a token
+        cos_ptr,  # [T, D]
+        sin_ptr,
+        out_ptr,  # [H + KVH, T, D]
+        stride_xt,
+        stride_xh,
+        stride_ct,
+        stride_st,
+        stride_ot,
+        stride_oh,
+        HALF: tl.constexpr,
+        BLOCK: tl.constexpr,  # HALF rounded up to a power of two
+    ):
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        m = i < HALF
+        at = x_ptr + token * stride_xt + head * stride_xh + i
+        x1 = tl.load(at, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(at + HALF, mask=m, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + token * stride_ct + i, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + token * stride_ct + HALF + i, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + token * stride_st + i, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + token * stride_st + HALF + i, mask=m, other=0.0).to(tl.float32)
+        dest = out_ptr + token * stride_ot + head * stride_oh + i
+        kind = out_ptr.dtype.element_ty
+        tl.store(dest, (x1 * c1 - x2 * s1).to(kind), mask=m)  # x*cos + rotate_half(x)*sin, first half
+        tl.store(dest + HALF, (x2 * c2 + x1 * s2).to(kind), mask=m)
+
+
+def _one_tensor(q, k, cos, sin) -> bool:
+    """Queries and keys as transformers' Phi-3 makes them (views of one qkv projection: the keys' heads
+    right after the queries', same strides), one sequence, contiguous head dimension: what the kernel reads."""
+    return (
+        q.shape[0] == 1
+        and q.stride() == k.stride()
+        and q.stride(-1) == 1
+        and k.data_ptr() == q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size()
+        and cos.stride(-1) == 1
+        and sin.stride(-1) == 1
+        and q.shape[-1] % 2 == 0
+    )
+
+
+def rotate_triton(q, k, cos, sin):
+    """`rotate` in one Triton kernel (for `_one_tensor` inputs)."""
+    heads, tokens, dim = q.shape[1], q.shape[2], q.shape[3]
+    out = torch.empty((1, heads + k.shape[1], tokens, dim), dtype=q.dtype, device=q.device)
+    half = dim // 2
+    _rotate_kernel[(tokens, heads + k.shape[1])](
+        q,
+        cos,
+        sin,
+        out,
+        q.stride(2),
+        q.stride(1),
+        cos.stride(1),
+        sin.stride(1),
+        out.stride(2),
+        out.stride(1),
+        HALF=half,
+        BLOCK=1 << (half - 1).bit_length(),
+    )
+    return out[:, :heads], out[:, heads:]
+
+
+def triton_works(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the Triton rotation runs here and agrees with `rotate`'s torch operations (3 tokens, the
+    model's heads and head size, queries and keys split from one projection as transformers' Phi-3 does);
+    `rotate` uses it from then on where it does."""
+    global _triton_on
+    if triton is None:
+        return False
+    from ptserve.engine import paged
+
+    def compute():
+        gen = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(1, 3, (heads + 2 * kv_heads) * head_dim, generator=gen, device=device, dtype=dtype)
+        q = qkv[..., : heads * head_dim].view(1, 3, heads, head_dim).transpose(1, 2)
+        k = qkv[..., heads * head_dim : (heads + kv_heads) * head_dim].view(1, 3, kv_heads, head_dim).transpose(1, 2)
+        angles = torch.randn(1, 3, head_dim, generator=gen, device=device)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if not _one_tensor(q, k, cos, sin):
+            raise ValueError("queries and keys are not one run of heads")
+        fast = torch.cat(rotate_triton(q, k, cos, sin), dim=1)
+        global _triton_on
+        was, _triton_on = _triton_on, False
+        try:
+            slow = torch.cat(rotate(q, k, cos, sin), dim=1)
+        finally:
+            _triton_on = was
+        return fast, slow
+
+    _triton_on = paged.agrees(compute, "the Triton rotation", "torch's", "the rotation in 4 torch kernels")
+    return _triton_on
 
 
 def _dispatch(q, k, cos, sin, unsqueeze_dim=1):
