@@ -138,6 +138,9 @@ def _one_tensor(q, k, cos, sin) -> bool:
     right after the queries', same strides), one sequence, contiguous head dimension: what the kernel reads."""
     return (
         q.shape[0] == 1
+        and k.shape[2:] == q.shape[2:]
+        and cos.dim() == sin.dim() == 3
+        and cos.shape[1:] == sin.shape[1:] == q.shape[2:]
         and q.stride() == k.stride()
         and q.stride(-1) == 1
         and k.data_ptr() == q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size()

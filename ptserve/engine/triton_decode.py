@@ -147,7 +147,7 @@ if triton is not None:
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
         lse = tl.load(lse_ptr + row * stride_lb + head * stride_lh + s, mask=s < count, other=float("-inf"))
-        seen = lse > float("-inf")
+        seen = lse != float("-inf")  # (a NaN split is not dropped: the result shows it)
         m = tl.max(lse, 0)
         w = tl.where(seen, tl.exp(lse - m), 0.0)  # each split's share: softmax over the log-sum-exps
         total = tl.sum(w, 0)
@@ -212,7 +212,14 @@ def decode(
     )
     # the splits merged and the result in q's dtype, one kernel (torch's softmax, product, sum and cast
     # were four launches a layer; one split: only the cast, still one)
-    result = torch.empty((rows, heads, dim), dtype=q.dtype, device=q.device)
+    return _merge(out, lse, q.dtype)
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Splits' outputs [B, H, S, D] and log-sum-exps [B, H, S] (float32, contiguous) -> [B, H, D] in `dtype`."""
+    rows, heads, count, dim = out.shape
+    assert out.is_contiguous() and lse.is_contiguous()  # (the kernel's strides between splits and heads)
+    result = torch.empty((rows, heads, dim), dtype=dtype, device=out.device)
     _merge_splits[(rows, heads)](
         out,
         lse,
@@ -232,7 +239,8 @@ def decode(
 
 def works(device, dtype, block_size: int, kv_heads: int, heads: int, head_dim: int) -> bool:
     """Whether the kernel runs here and agrees with SDPA over the gathered blocks: rows of 1, 17 and 300
-    tokens (300: split across programs), blocks out of order, grouped heads as the model has them."""
+    tokens (300: split across programs), blocks out of order, grouped heads as the model has them; then the
+    merge is compiled for every number of splits a pass can have (not in the middle of serving)."""
     if not available():
         return False
 
@@ -251,7 +259,14 @@ def works(device, dtype, block_size: int, kv_heads: int, heads: int, head_dim: i
         got = decode(q, keys, values, tables, torch.tensor(lens, device=device), scale)
         return got, reference(q, keys, values, tables, lens, scale)
 
-    return paged.agrees(compute, "the Triton decode kernel", "SDPA", "SDPA over gathered blocks")
+    if not paged.agrees(compute, "the Triton decode kernel", "SDPA", "SDPA over gathered blocks"):
+        return False
+    # the merge is compiled per power of two of splits: all of them now, not when a pass first needs one
+    most = -(-TARGET_PROGRAMS // heads)
+    for count in (1 << b for b in range((most - 1).bit_length() + 1)):
+        out = torch.zeros((1, heads, count, head_dim), dtype=torch.float32, device=device)
+        decoded = _merge(out, torch.zeros((1, heads, count), device=device), dtype)
+    return bool(torch.isfinite(decoded).all())
 
 
 def reference(q, keys, values, tables, lens: list[int], scale: float) -> torch.Tensor:
