@@ -81,9 +81,11 @@ run() {
     pids=$(leftovers)
     [ -n "$pids" ] && { kill -9 $pids 2>/dev/null; sleep 3; }
     echo "== $name: rc $rc in $(($(date +%s) - t0)) s"
-    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|graphs|profile|model)[ :]|cudagraph|CUDA graph|stay eager' $logs/$name.log | cut -c1-1500 | tail -24
+    grep -E '^  ptserve|passed|failed|skipped|rror|^  [a-z-]+ / |^turn|^(forward|engine|compiled|graphs|profile|model)[ :]|cudagraph|CUDA graph|stay eager|one by one|unusable here|disagrees|Triton' $logs/$name.log | cut -c1-1500 | tail -24
     for f in bench/out/ptserve*.log bench/out/multiturn-*.log; do
         [ -f "$f" ] || continue
+        # how the server's engine runs: its start line and any fallback it took
+        grep -hE 'decoding passes|Triton|one by one|unusable here|disagrees|stay eager' "$f" | cut -c1-400 | head -4
         cp "$f" "$logs/$name-${f##*/}"
         [ $rc -ne 0 ] && { echo "-- $f"; tail -15 "$f"; }
     done
