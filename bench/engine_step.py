@@ -66,9 +66,7 @@ def make_model(shape: str, device: torch.device):
     if device.type == "cuda":  # as the loader does
         rmsnorm.fuse(model)
         rope.fuse_rotary()
-        cfg = model.config
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        rope.triton_works(device, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+        rope.triton_works(device, dtype, *paged.attention_heads(model.config))
     return model
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ptserve.config import Config
-from ptserve.engine import cpu_linear, rmsnorm, rope
+from ptserve.engine import cpu_linear, paged, rmsnorm, rope
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +156,7 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
     if device.type == "cuda":  # one kernel a norm instead of eight launches (rmsnorm.py), 4 a rotation, not 12
         logger.info("%d RMSNorm layers on torch's fused kernel", rmsnorm.fuse(model))
         rope.fuse_rotary()
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        if rope.triton_works(device, dtype, cfg.num_attention_heads, kv_heads, head_dim):
+        if rope.triton_works(device, dtype, *paged.attention_heads(model.config)):
             logger.info("the rotary embedding in one Triton kernel a layer")
     tokenizer = load_tokenizer(config)
     loaded = LoadedModel(model, tokenizer, device, eos_token_ids(model, tokenizer), max_context)

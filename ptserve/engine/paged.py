@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ptserve.engine import triton_decode
 from ptserve.engine.blocks import NULL_BLOCK
 from ptserve.engine.graphs import on_device
 
@@ -308,8 +309,6 @@ def _sdpa_rows(batch: PagedBatch, layer: int, query, key, value, scaling) -> tor
     kvh, size = pool.kv_heads, pool.head_dim
     k_blocks, v_blocks = pool.keys[layer].flatten(1), pool.values[layer].flatten(1)  # [blocks, bs * kvh * D]
     if batch.single_tables is not None and pool.triton_decode:  # read in place (CUDA)
-        from ptserve.engine import triton_decode
-
         qs = (q if everyone else q[:, batch.single_idx]).transpose(0, 1)  # [S, H, D]
         keys, values = pool.keys[layer], pool.values[layer]
         os = triton_decode.decode(qs, keys, values, batch.single_tables, batch.single_lens, scaling)
@@ -450,6 +449,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     else:
         out = _sdpa_rows(paged, layer, query, key, value, scaling)
     return out.to(query.dtype).unsqueeze(0), None
+
+
+def attention_heads(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) of a transformers model config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
 
 
 def install(model: torch.nn.Module) -> None:

@@ -82,14 +82,20 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """transformers' Phi-3 rotation of queries [B, H, T, D] and keys [B, KVH, T, D] by cos, sin [B, T, D]
     (every dimension rotated), in 4 kernels (1 with the Triton kernel where `triton_works` said so): the
     rotated queries and keys, views of one tensor."""
-    global _signed
     if _triton_on and not torch.compiler.is_compiling() and _one_tensor(q, k, cos, sin):
         return rotate_triton(q, k, cos, sin)
+    return _rotate_torch(q, k, cos, sin)
+
+
+def _rotate_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """`rotate` in 4 torch kernels (the signed sine made once a pass; compiled, inductor fuses it anyway)."""
+    global _signed
     half = q.shape[-1] // 2
+    compiling = torch.compiler.is_compiling()
     cached_sin, signed = _signed
-    if torch.compiler.is_compiling() or cached_sin is not sin:  # (compiled: inductor fuses it anyway)
+    if compiling or cached_sin is not sin:
         signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
-        if not torch.compiler.is_compiling():  # the first layer of a pass: every layer gets the same sin
+        if not compiling:  # the first layer of a pass: every layer gets the same sin
             _signed = (sin, signed)  # (keeps `sin` alive: a later pass's cannot take its identity)
     qk = torch.cat([q, k], dim=1)
     out = torch.addcmul(qk * cos.unsqueeze(1), qk.roll(half, dims=-1), signed)
@@ -190,14 +196,7 @@ def triton_works(device, dtype, heads: int, kv_heads: int, head_dim: int) -> boo
         cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
         if not _one_tensor(q, k, cos, sin):
             raise ValueError("queries and keys are not one run of heads")
-        fast = torch.cat(rotate_triton(q, k, cos, sin), dim=1)
-        global _triton_on
-        was, _triton_on = _triton_on, False
-        try:
-            slow = torch.cat(rotate(q, k, cos, sin), dim=1)
-        finally:
-            _triton_on = was
-        return fast, slow
+        return torch.cat(rotate_triton(q, k, cos, sin), dim=1), torch.cat(_rotate_torch(q, k, cos, sin), dim=1)
 
     _triton_on = paged.agrees(compute, "the Triton rotation", "torch's", "the rotation in 4 torch kernels")
     return _triton_on

@@ -248,8 +248,7 @@ class Engine:
         self.max_queued = max_queued
         self.max_seqs = max_seqs
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        heads, kv_heads, head_dim = paged.attention_heads(cfg)
         self.kv_dtype = model.get_input_embeddings().weight.dtype
         if self.kv_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             self.kv_dtype = torch.bfloat16
@@ -273,7 +272,6 @@ class Engine:
         self.watermark = max(1, self.blocks.usable // 100)  # blocks kept free for running rows when admitting
         half = self.kv_dtype in (torch.float16, torch.bfloat16)  # FlashAttention computes in 16 bits only
         self.use_varlen = self.device.type == "cuda" and half and _has_varlen()
-        heads = cfg.num_attention_heads
         if self.use_varlen:
             self.use_varlen = paged.varlen_works(self.device, self.kv_dtype, block_size, kv_heads, heads, head_dim)
         if self.device.type == "cuda" and not self.use_varlen:

@@ -23,8 +23,6 @@ import logging
 
 import torch
 
-from ptserve.engine import paged
-
 logger = logging.getLogger(__name__)
 
 try:  # Triton comes with torch's CUDA builds
@@ -258,6 +256,8 @@ def works(device, dtype, block_size: int, kv_heads: int, heads: int, head_dim: i
         scale = head_dim**-0.5
         got = decode(q, keys, values, tables, torch.tensor(lens, device=device), scale)
         return got, reference(q, keys, values, tables, lens, scale)
+
+    from ptserve.engine import paged  # (start-up only; paged imports this module)
 
     if not paged.agrees(compute, "the Triton decode kernel", "SDPA", "SDPA over gathered blocks"):
         return False
