@@ -123,10 +123,14 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name} not ready after {self.start_timeout}s")
 
+    def pids(self) -> list[str]:
+        """The server's processes (its session's process group)."""
+        return subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+
     def cpu_ms(self) -> dict[str, float]:
         """CPU time (user + system, ms) each of the server's processes has used so far, keyed "worker:PID" for
         a process spawned by multiprocessing (ptserve's engine workers), else "server:PID"."""
-        pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        pids = self.pids()
         tick = os.sysconf("SC_CLK_TCK")
         out = {}
         for pid in pids:
@@ -147,7 +151,7 @@ class Server:
         found = re.findall(r"loaded: ([0-9.]+) MB", Path(self.log.name).read_text(errors="replace"))
         if found:
             out["model_footprint_mb"] = float(found[-1])
-        pids = subprocess.run(["pgrep", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        pids = self.pids()
         peaks = []
         for pid in pids:
             try:
