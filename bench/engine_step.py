@@ -26,7 +26,11 @@ For each number of rows B (--levels):
 - `graphs` (--graphs B,...): decoding passes replayed from CUDA graphs (server.cuda_graphs, graphs.py) at B
   rows of --context tokens: the capture's time, ms a pass (inputs packed and copied in, the replay), then the
   `engine` measurement with them (on a CPU: the same static buffers run eagerly), each pass launched before
-  the last one's tokens are read (server.async_scheduling), then (`engine_stepwise`) read one by one.
+  the last one's tokens are read (server.async_scheduling), then (`engine_stepwise`) read one by one;
+- `tools` (at the --graphs levels): the `engine` measurement with every request offered a tool, as an agent
+  client's are (its grammar, tool_choice "auto": the model may answer in text or call it; masks from
+  llguidance each token), with CUDA graphs, launched ahead (the pass's tokens drawn once the last ones are
+  read and the masks made) and then read one by one (`tools_stepwise`).
 --parts picks them (bench/gpu.sh runs `engine-compiled` in a process of its own: a compile per process).
 
 A random-weight model of the --shape (bench/serve.py's shapes) is made in memory (the server's dtype):
@@ -137,11 +141,13 @@ def profile(engine: Engine, args, device) -> dict:
     }
 
 
-async def generate(engine: Engine, rows: int, prompt: int, tokens: int, gen: torch.Generator) -> dict:
+async def generate(
+    engine: Engine, rows: int, prompt: int, tokens: int, gen: torch.Generator, grammar: str | None = None
+) -> dict:
     async def one(ids):
         first = last = None
         count = 0
-        async for out in engine.submit(ids, SamplingParams(tokens, temperature=0.0)):
+        async for out in engine.submit(ids, SamplingParams(tokens, temperature=0.0, grammar=grammar)):
             now = time.perf_counter()
             first = first or now
             last = now
@@ -154,10 +160,10 @@ async def generate(engine: Engine, rows: int, prompt: int, tokens: int, gen: tor
     wall = time.perf_counter() - start
     itl = [(b - a) / (n - 1) for a, b, n in results if n > 1]
     total = sum(n for _, _, n in results)
-    return {"tok_per_s": round(total / wall, 1), "itl_p50_ms": round(1000 * statistics.median(itl), 2)}
+    return {"tok_per_s": round(total / wall, 1), "itl_p50_ms": round(1000 * statistics.median(itl), 2), "tokens": total}
 
 
-PARTS = ("forward", "profile", "prefill", "engine", "compiled", "engine-compiled", "graphs")
+PARTS = ("forward", "profile", "prefill", "engine", "compiled", "engine-compiled", "graphs", "tools")
 
 
 def prefill_pass(engine: Engine, chunk: int, riders: int, args, gen: torch.Generator, device) -> float:
@@ -181,7 +187,9 @@ def prefill_pass(engine: Engine, chunk: int, riders: int, args, gen: torch.Gener
         engine.blocks.release(owned)
 
 
-def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, report: dict) -> dict:
+def run_engine(
+    engine: Engine, levels: list[int], args, gen: torch.Generator, report: dict, grammar: str | None = None
+) -> dict:
     """`generate` at each level through the started engine (the first request of each level's shape, and
     so the first compile of its buckets, lands in a warm-up generation)."""
     runs: dict = {}
@@ -189,9 +197,9 @@ def run_engine(engine: Engine, levels: list[int], args, gen: torch.Generator, re
     try:
         for rows in levels:
             started = time.perf_counter()
-            asyncio.run(generate(engine, rows, args.prompt, 4, gen))  # warm-up (and the compiles)
+            asyncio.run(generate(engine, rows, args.prompt, 4, gen, grammar))  # warm-up (and the compiles)
             with Phases(engine) as phases:
-                runs[rows] = asyncio.run(generate(engine, rows, args.prompt, args.tokens, gen))
+                runs[rows] = asyncio.run(generate(engine, rows, args.prompt, args.tokens, gen, grammar))
             runs[rows]["warm_up_s"] = round(time.perf_counter() - started, 1)
             runs[rows]["host_ms_per_pass"] = phases.report()
             print(f"engine {rows} rows, decoding passes {engine.decode_mode}: {runs[rows]}", flush=True)
@@ -206,9 +214,10 @@ class Phases:
     forward (on a GPU it returns before the GPU is done), `_sample` reads the sampled ids back (there the
     host waits for the GPU), `_advance` is sampling plus handing tokens to the streams; with passes launched
     ahead, `_land` reads a pass's tokens (waiting for that pass, not the one launched after it) and hands
-    them out, inside `_run`."""
+    them out, inside `_run`; with grammar rows, `_draw_after` lands the pass before and draws this one's
+    tokens, masked (inside `_run`, `_land` inside it)."""
 
-    NAMES = ("_schedule", "_run", "_pass", "_advance", "_sample", "_land", "_retire")
+    NAMES = ("_schedule", "_run", "_pass", "_advance", "_sample", "_land", "_draw_after", "_retire")
 
     def __init__(self, engine: Engine):
         self.engine, self.totals, self.counts = engine, dict.fromkeys(self.NAMES, 0.0), dict.fromkeys(self.NAMES, 0)
@@ -361,12 +370,14 @@ def main() -> None:
         del engine
     if "graphs" in parts:
         report["graphs"] = replay_graphs(model, ints(args.graphs), budget, args, gen, report)
+    if "tools" in parts:
+        report["tools"] = tool_rows(model, ints(args.graphs), budget, args, gen, report)
     emit(report, args.out)
 
 
 def replay_graphs(model, levels: list[int], budget: int, args, gen: torch.Generator, report: dict) -> dict:
     engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True, async_decode=True)
-    runs: dict = {"decode_mode": engine.decode_mode}
+    runs = report["graphs"] = {"decode_mode": engine.decode_mode}  # (in the report as it fills: a cut run keeps it)
     print(f"graphs: decoding passes {engine.decode_mode}", flush=True)
     if engine._graphs is None:  # the start-up check said why (logged)
         return runs
@@ -391,6 +402,40 @@ def replay_graphs(model, levels: list[int], budget: int, args, gen: torch.Genera
     gc.collect()
     stepwise = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True)
     runs["engine_stepwise"] = run_engine(stepwise, levels, args, gen, report)
+    return runs
+
+
+def tool_rows(model, levels: list[int], budget: int, args, gen: torch.Generator, report: dict) -> dict:
+    """The engine's loop with every request offered a tool (tool_choice "auto", the grammar the server
+    builds for it), passes from CUDA graphs launched ahead, then read one by one."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ptserve.engine.grammar import GrammarBackend
+    from ptserve.protocol import validate_request
+    from ptserve.structured import build_grammar
+    from ptserve.tinymodel import PHI35_DIR
+
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    request = validate_request({"model": "m", "messages": [{"role": "user", "content": "Oi"}], "tools": [tool]})
+    grammar = build_grammar(request)
+    eos = GenerationConfig.from_pretrained(PHI35_DIR).eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    backend = GrammarBackend(AutoTokenizer.from_pretrained(PHI35_DIR), model.config.vocab_size, eos)
+    runs = report["tools"] = {}
+    for name, ahead in (("tools", True), ("tools_stepwise", False)):
+        kw = dict(kv_budget_bytes=budget, max_seqs=max(levels), grammars=backend, decode_graphs=True)
+        engine = Engine(model, 4096, async_decode=ahead, **kw)
+        runs[f"{name}_decode_mode"] = engine.decode_mode
+        runs[name] = run_engine(engine, levels, args, gen, report, grammar)
+        del engine  # (its pool and graphs, before the next one's)
+        gc.collect()
     return runs
 
 

@@ -19,6 +19,8 @@
 #               on the GPU the first time), 256 prompt / 256 output tokens, at LEVELS streams (1,16,64)
 #     eager     the same with server.cuda_graphs off (eager decoding passes)
 #     stepwise  the same with server.async_scheduling off (graphs, each pass's tokens read before the next)
+#     tools     bench/engine_step.py --parts tools: the engine's loop with every request offered a tool (its
+#               grammar's masks each token), passes launched ahead (drawn once the last tokens are read), then not
 #     4bit      the same, bitsandbytes-quantized at load (8bit likewise, last)
 #     compiled  the same as none with server.compile_decode (inductor's pass compiled once at start, in
 #               ptserve's CUDA graphs) at COMPILED_LEVELS
@@ -93,7 +95,7 @@ run() {
 }
 
 logs_compile=perf_hints,recompiles,+torch._inductor.cudagraph_trees  # why graphs are skipped or re-recorded
-for step in ${STEPS:-graphs none tests engine 4bit eager stepwise multiturn engine-compiled compiled 8bit}; do
+for step in ${STEPS:-graphs none tests engine 4bit eager stepwise tools multiturn engine-compiled compiled 8bit}; do
     case $step in
         graphs) run graphs 120 "python3 bench/engine_step.py --shape $shape --parts graphs \
             --out $dest/gpu-$card-graphs.json" ;;
@@ -107,6 +109,8 @@ for step in ${STEPS:-graphs none tests engine 4bit eager stepwise multiturn engi
             --out $dest/gpu-$card-$step.json" ;;
         eager) run eager 200 "PTSERVE_SERVER_CUDA_GRAPHS=false $serve --levels ${LEVELS:-1,16,64} \
             --quantization none --out $dest/gpu-$card-eager.json" ;;
+        tools) run tools 150 "python3 bench/engine_step.py --shape $shape --parts tools \
+            --out $dest/gpu-$card-tools.json" ;;
         stepwise) run stepwise 200 "PTSERVE_SERVER_ASYNC_SCHEDULING=false $serve --levels ${LEVELS:-1,16,64} \
             --quantization none --out $dest/gpu-$card-stepwise.json" ;;
         compiled) run compiled 180 "TORCH_LOGS=$logs_compile PTSERVE_SERVER_COMPILE_DECODE=true $serve --levels ${COMPILED_LEVELS:-1,16} \

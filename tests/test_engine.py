@@ -874,8 +874,8 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     and finish of passes read one by one, while requests arrive mid-generation (a prefill pass reads first)
     and leave by length or a stop id (the pass launched ahead computed one token more for it, dropped),
     rows sample greedily and seeded (top_k, top_p, min_p) side by side, penalized rows count their tokens
-    on the device, logprobs (top ones too) come back with the tokens, and a row that needs each token first
-    (min_tokens not reached) runs beside them; every block comes back."""
+    on the device, logprobs (top ones too) come back with the tokens, and a row whose stop id is banned
+    until min_tokens (the ban counts its tokens in flight) runs beside them; every block comes back."""
     ids = prompts(20, 27, 35, 18, 41, 30, 25, 22)
     stepwise = Engine(sharp, 4096, decode_graphs=True)
     handed = {False: handed_out(stepwise)[1]}

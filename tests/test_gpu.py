@@ -166,7 +166,14 @@ def test_passes_launched_ahead_answer_as_passes_read_one_by_one(cuda_model):
     """Async decoding (server.async_scheduling, on by default with CUDA graphs): passes launched before the
     last pass's tokens are read back, their input ids taken from those on the GPU, give the tokens of
     passes read one by one (the same graphs: the same bits), tokens and logprobs, for greedy, seeded and
-    penalized rows, rows leaving by length and by a stop id (the token computed ahead for it dropped)."""
+    penalized rows, rows leaving by length and by a stop id (the token computed ahead for it dropped), a
+    grammar row (drawn once the token before is read) and a row whose stop id is banned until min_tokens."""
+    from transformers import AutoTokenizer
+
+    from ptserve.engine.grammar import GrammarBackend
+
+    tokenizer = AutoTokenizer.from_pretrained(cuda_model.config._name_or_path)
+    grammars = GrammarBackend(tokenizer, cuda_model.config.vocab_size, [tokenizer.eos_token_id])
     gen = torch.Generator().manual_seed(3)
     ids = [torch.randint(100, 30000, (n,), generator=gen).tolist() for n in (20, 45, 70, 33)]
     jobs = [
@@ -174,30 +181,37 @@ def test_passes_launched_ahead_answer_as_passes_read_one_by_one(cuda_model):
         (ids[1], SamplingParams(12, temperature=0.0, logprobs=2)),
         (ids[2], SamplingParams(30, temperature=0.9, top_p=0.9, top_k=50, seed=4)),
         (ids[3], SamplingParams(30, temperature=0.0, frequency_penalty=1.0, repetition_penalty=1.3)),
+        (ids[1], SamplingParams(30, temperature=0.7, seed=5, grammar='start: "{" /[a-z0-9 ]+/ "}"')),
     ]
 
     def answers(ahead: bool, jobs):
-        engine = Engine(cuda_model, 4096, kv_budget_bytes=1 << 28, decode_graphs=True, async_decode=ahead)
-        launched, run_ahead = [0], engine._run_ahead
+        engine = Engine(
+            cuda_model, 4096, kv_budget_bytes=1 << 28, grammars=grammars, decode_graphs=True, async_decode=ahead
+        )
+        launched, run_ahead = [0, 0], engine._run_ahead
 
         def counting(plan):
             launched[0] += 1
+            launched[1] += any(r.state.matcher is not None for r, _ in plan)
             run_ahead(plan)
 
         engine._run_ahead = counting
         engine.start()
         try:
-            return run(engine, jobs), launched[0], engine.decode_mode
+            return run(engine, jobs), launched, engine.decode_mode
         finally:
             engine.shutdown()
 
     [(first, _), *_], _, _ = answers(False, jobs)
     stop = next(t for i, t in enumerate(first) if i >= 5 and t not in first[:i])
     jobs.append((ids[0], SamplingParams(24, temperature=0.0, stop_token_ids=(stop,))))
+    jobs.append((ids[0], SamplingParams(24, temperature=0.0, min_tokens=8, stop_token_ids=(first[2],))))
     want, none, _ = answers(False, jobs)
     got, launched, mode = answers(True, jobs)
-    assert (none, mode) == (0, "from CUDA graphs, launched a pass ahead") and launched > 20
-    assert got == want and len(got[4][0]) == first.index(stop) + 1 and len(got[1][1]) == 12
+    assert (none, mode) == ([0, 0], "from CUDA graphs, launched a pass ahead") and launched[0] > 20
+    assert launched[1] > 10  # passes with the grammar row went ahead too
+    assert got == want and len(got[5][0]) == first.index(stop) + 1 and len(got[1][1]) == 12
+    assert tokenizer.decode(got[4][0]).lstrip().startswith("{") and first[2] not in got[6][0][:8]
 
 
 def test_the_sync_check_tells_copies_that_do_not_wait_apart():

@@ -163,6 +163,59 @@ def test_constrained_and_free_rows_in_one_batch(grammar_engine):
         jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
 
 
+def test_async_decoding_draws_grammar_rows_once_their_last_token_is_read(grammar_engine):
+    """With async decoding (`server.async_scheduling`) a pass holding grammar rows is launched before the
+    previous pass's tokens are read; its tokens are drawn once they are (the grammars' masks follow them):
+    constrained, tool-calling ("auto" and "required"), free and min_tokens rows, greedy and seeded, each
+    get the tokens and finish of passes read one by one, and those passes did go ahead."""
+    from ptserve.engine.grammar import GrammarBackend
+    from ptserve.engine.scheduler import Engine
+    from ptserve.prompting import encode_prompt, render_messages
+
+    stepwise, loaded = grammar_engine
+    eos = tuple(loaded.eos_token_ids)
+    ids = encode_prompt(loaded.tokenizer, render_messages(request().messages, "Você é útil."))
+    person = build_grammar(
+        request(response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    )
+    auto = build_grammar(request(tools=TOOLS))
+    calls = build_grammar(request(tools=TOOLS, tool_choice="required"))
+    [(free, _)] = run_engine(stepwise, [(ids, SamplingParams(24, temperature=0.0, stop_token_ids=eos))])
+    jobs = [
+        (ids, SamplingParams(24, temperature=0.0, stop_token_ids=eos)),
+        (ids, SamplingParams(60, temperature=0.0, stop_token_ids=eos, grammar=person)),
+        (ids, SamplingParams(60, temperature=1.0, seed=4, stop_token_ids=eos, grammar=person, logprobs=2)),
+        (ids, SamplingParams(40, temperature=0.0, stop_token_ids=eos, grammar=auto)),
+        (ids, SamplingParams(120, temperature=1.0, seed=9, stop_token_ids=eos, grammar=calls)),
+        (ids, SamplingParams(30, temperature=0.0, stop_token_ids=eos + (free[2],), min_tokens=8)),  # banned at 3
+    ]
+    want = run_engine(stepwise, jobs)
+    backend = GrammarBackend(loaded.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
+    engine = Engine(loaded.model, 4096, grammars=backend, decode_graphs=True, async_decode=True)
+    assert engine.decode_mode == "from static buffers, launched a pass ahead"
+    launched = {"grammar": 0, "short of min_tokens": 0}
+    ahead = engine._run_ahead
+
+    def counting(plan):
+        launched["grammar"] += any(r.state.matcher is not None for r, _ in plan)
+        launched["short of min_tokens"] += any(r.generated + r.ahead < r.stream.params.min_tokens for r, _ in plan)
+        return ahead(plan)
+
+    engine._run_ahead = counting
+    engine.start()
+    try:
+        got = run_engine(engine, jobs)
+    finally:
+        engine.shutdown()
+    assert got == want
+    assert [f for _, f in got] == ["length", "stop", "stop", "length", "stop", "length"]
+    assert got[5][0][:2] == free[:2] and free[2] not in got[5][0][:8]  # banned until its 8th token
+    for tokens, _ in got[1:3]:
+        jsonschema.validate(json.loads(loaded.tokenizer.decode(tokens, skip_special_tokens=True)), PERSON)
+    assert launched["grammar"] > 20 and launched["short of min_tokens"] >= 5
+    assert (engine._inflight, engine.running, engine.blocks.used) == (None, 0, 0)
+
+
 def test_objects_with_properties_are_closed_unless_they_say_otherwise():
     from ptserve.structured import close_objects
 

@@ -61,16 +61,21 @@ class GrammarBackend:
             raise ValueError(f"grammar does not compile: {m.get_error()}")
         return Matcher(m)
 
-    def bitmask(self, rows: int) -> torch.Tensor:
-        return torch.full((rows, self.words), -1, dtype=torch.int32)
+    def bitmask(self, rows: int, pinned: bool = False) -> torch.Tensor:
+        """A mask for `rows` rows, every token allowed; `pinned`: in pinned memory (a GPU's copy of it does
+        not wait for the work queued before it)."""
+        return torch.full((rows, self.words), -1, dtype=torch.int32, pin_memory=pinned)
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+_BITS: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """logits [R, V] (changed in place): tokens whose bit is 0 get -inf. bitmask [R, ceil(V/32)] int32."""
     bitmask = bitmask.to(logits.device, non_blocking=True)
-    allowed = (bitmask.unsqueeze(-1) >> _BITS.to(logits.device)) & 1  # [R, W, 32]
+    bits = _BITS.get(logits.device)
+    if bits is None:
+        bits = _BITS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = (bitmask.unsqueeze(-1) >> bits) & 1  # [R, W, 32]
     allowed = allowed.reshape(bitmask.shape[0], -1)[:, : logits.shape[-1]]
     return logits.masked_fill_(allowed == 0, float("-inf"))

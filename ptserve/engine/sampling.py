@@ -67,6 +67,7 @@ class RowState:
     in_prompt: torch.Tensor | None = None  # [V] bool: tokens of the prompt (repetition penalty only)
     bias: torch.Tensor | None = None  # [V] float: the logit_bias, dense
     matcher: Matcher | None = None  # the grammar's state, when the output is constrained
+    pending: int = 0  # tokens drawn on the device and not yet read (async decoding: `count_drawn`)
     error: str | None = None  # the grammar rejected a token (a bug, never the model's fault)
 
     @classmethod
@@ -89,10 +90,12 @@ class RowState:
             state.bias[torch.tensor(ids, device=device)] = torch.tensor(values, device=device)
         return state
 
-    def record(self, token: int, counted: bool = False) -> None:
-        """`token` was generated; `counted`: already added to `counts` on the device (`count_on_device`)."""
+    def record(self, token: int, drawn: bool = False) -> None:
+        """`token` was generated; `drawn`: read after `count_drawn` counted it on the device."""
         self.generated += 1
-        if self.counts is not None and not counted:
+        if drawn:
+            self.pending -= 1
+        elif self.counts is not None:
             self.counts[token] += 1
         if self.matcher is not None and not self.matcher.consume(token):
             self.error = f"the grammar rejected token {token}: {self.matcher.error}"
@@ -147,7 +150,7 @@ def apply_penalties(logits: torch.Tensor, states: list[RowState]) -> torch.Tenso
     """min_tokens, logit_bias and the penalties, for the rows that asked. logits: [B, V] float, changed in place."""
     for i, s in enumerate(states):
         p = s.params
-        if p.min_tokens and s.generated < p.min_tokens and p.stop_token_ids:
+        if p.min_tokens and s.generated + s.pending < p.min_tokens and p.stop_token_ids:
             logits[i].index_fill_(0, on_device(list(p.stop_token_ids), logits.device), float("-inf"))
         if s.bias is not None:
             logits[i] += s.bias
@@ -170,11 +173,13 @@ def apply_penalties(logits: torch.Tensor, states: list[RowState]) -> torch.Tenso
     return logits.index_copy_(0, index, sub)
 
 
-def count_on_device(tokens: torch.Tensor, states: list[RowState]) -> None:
-    """Add each penalized row's token to its counts where the tokens are (a pass launched ahead: not yet
-    read); `RowState.record(token, counted=True)` once read."""
+def count_drawn(tokens: torch.Tensor, states: list[RowState]) -> None:
+    """Tokens drawn and left on the device (a pass launched ahead: not yet read): each row counts one more
+    `pending` (min_tokens' ban counts it) and a penalized row adds its token to its counts where the tokens
+    are; `RowState.record(token, drawn=True)` once read."""
     one = None
     for i, s in enumerate(states):
+        s.pending += 1
         if s.counts is not None:
             one = torch.ones(1, dtype=s.counts.dtype, device=s.counts.device) if one is None else one
             s.counts.index_add_(0, tokens[i : i + 1], one)
@@ -254,13 +259,13 @@ def read_logprobs(chosen: list[float], values: list[list[float]], ids: list[list
 def apply_grammars(logits: torch.Tensor, states: list[RowState], grammars: GrammarBackend) -> torch.Tensor:
     """Tokens a row's grammar does not allow next get -inf. logits: [B, V] float, changed in place."""
     rows = [i for i, s in enumerate(states) if s.matcher is not None]
-    bitmask = grammars.bitmask(len(rows))
+    bitmask = grammars.bitmask(len(rows), pinned=logits.device.type == "cuda")  # (its copy does not wait)
     for j, i in enumerate(rows):
         states[i].matcher.fill(bitmask, j)
     if len(rows) == len(states):
         return apply_bitmask(logits, bitmask)
-    logits[rows] = apply_bitmask(logits[rows], bitmask)
-    return logits
+    index = on_device(rows, logits.device)
+    return logits.index_copy_(0, index, apply_bitmask(logits.index_select(0, index), bitmask))
 
 
 def next_tokens(

@@ -55,7 +55,7 @@ import torch
 from ptserve.engine import paged, triton_decode
 from ptserve.engine.blocks import NULL_BLOCK, ROOT_KEY, BlockManager, block_keys
 from ptserve.engine.grammar import GrammarBackend
-from ptserve.engine.graphs import DecodeGraphs, host_syncs
+from ptserve.engine.graphs import DecodeGraphs, host_syncs, on_device
 from ptserve.engine.hostmem import keep_freed_memory, release_host_memory
 from ptserve.engine.paged import KVPool, PagedBatch
 from ptserve.engine.sampling import (
@@ -63,7 +63,7 @@ from ptserve.engine.sampling import (
     SamplingParams,
     TokenLogprob,
     choose,
-    count_on_device,
+    count_drawn,
     hand_logprobs,
     logprobs_asked,
     logprobs_of,
@@ -211,7 +211,6 @@ class _Row:
     keys: list[bytes] = field(default_factory=list)  # prefix keys of its full blocks, as far as computed
     offered: int = 0  # blocks [0, offered) have been offered to the prefix cache
     decoding: bool = False  # it has sampled since it was (re)admitted
-    ahead: int = 0  # tokens sampled by passes in flight, not yet read (async decoding: `Engine._run_ahead`)
     scoring: bool = False  # its prompt's log-probabilities are asked and not yet published
     finish: str | None = None
     scored: list[TokenLogprob | None] = field(default_factory=list)  # prompt logprobs so far
@@ -219,6 +218,11 @@ class _Row:
     @property
     def generated(self) -> int:
         return self.state.generated
+
+    @property
+    def ahead(self) -> int:
+        """Tokens drawn by passes in flight, not yet read (async decoding: `Engine._run_ahead`)."""
+        return self.state.pending
 
 
 class Engine:
@@ -626,7 +630,7 @@ class Engine:
         """One forward pass over the plan, then a token for every row whose tokens are all computed. A
         failed pass fails the rows that were joining (prefilling) and is retried for the decoding ones;
         one that fails again, or held only decoding rows, fails them all. A fatal error propagates."""
-        if self._ahead and all(r.decoding and n == 1 and self._plain(r) for r, n in plan):
+        if self._ahead and all(r.decoding and n == 1 for r, n in plan):
             self._run_ahead(plan)
             return
         if self._inflight is not None:  # (the loop lands it before such a plan; kept safe here too)
@@ -660,14 +664,17 @@ class Engine:
         still in flight take it from the device (`_bucketed_decode`), the pass's own tokens are drawn and
         left there for the next pass, and only then are the previous pass's tokens read and handed out,
         while this pass runs. A row that stopped on the token read here had one more token computed in
-        this pass: it is dropped when read. Rows of plain sampling only (`_plain`), passes from static
-        buffers only (their inputs come in one copy from pinned memory: no copy that waits for the device)."""
+        this pass: it is dropped when read. Passes from static buffers only (their inputs come in one copy
+        from pinned memory: no copy that waits for the device). Where a row follows a grammar, whose mask
+        depends on the token in flight, the previous pass's tokens are read first (while this pass's
+        forward runs: the masks are made meanwhile) and this pass's tokens drawn after (`_draw_after`)."""
         flight = self._inflight
         rows = [r for r, _ in plan]
+        masked = any(r.state.matcher is not None for r in rows)
         self.pool.zero(self.blocks.take_fresh())
         try:
             hidden = self._bucketed_decode(plan, flight)
-            launched = None if hidden is None else _Flight(rows, *self._choose(hidden, rows))
+            launched = None if hidden is None or masked else _Flight(rows, *self._choose(hidden, rows))
         except Exception as exc:
             if is_fatal(exc):
                 raise
@@ -677,7 +684,7 @@ class Engine:
                 self._land()
             self._fail_rows([r for r in rows if r.finish is None], _describe(exc))
             return
-        if launched is None:  # this pass goes eager (a capture failed, or a GPU's gather bound): ids on the host
+        if hidden is None:  # this pass goes eager (a capture failed, or a GPU's gather bound): ids on the host
             if flight is not None:
                 self._land()
             plan = [(r, n) for r, n in plan if r.finish is None]
@@ -686,16 +693,37 @@ class Engine:
             return
         for row in rows:
             row.computed += 1
-            row.ahead += 1
+        if masked:
+            self._draw_after(flight, rows, hidden)
+            return
         self._inflight = launched
         if flight is not None:
             self._land(flight)
 
+    def _draw_after(self, flight: _Flight | None, rows: list[_Row], hidden: torch.Tensor) -> None:
+        """The tokens of a pass launched with grammar rows: the pass in flight before it read first (the
+        grammars consume its tokens), then this pass's drawn, masked, for the rows still running (one that
+        stopped on the token read computed a token more, dropped)."""
+        if flight is not None:
+            self._inflight = None
+            self._land(flight)
+        live = [i for i, r in enumerate(rows) if r.finish is None]
+        if not live:
+            return
+        if len(live) < len(rows):
+            hidden = hidden.index_select(0, on_device(live, hidden.device))
+            rows = [rows[i] for i in live]
+        launched, exc = self._attempt(self._choose, hidden, rows)
+        if exc is not None:
+            self._fail_rows([r for r in rows if r.finish is None], _describe(exc))
+            return
+        self._inflight = _Flight(rows, *launched)
+
     def _continues(self) -> bool:
         """Whether the next pass may be launched before the pass in flight is read: every running row is in
-        it and samples plainly, no waiting request could join now (it would need a prefill pass, whose ids
-        are read on the host: one that found too few blocks waits until more are free), and the rows that
-        need a block to go on find one (no preemption)."""
+        it, no waiting request could join now (it would need a prefill pass, whose ids are read on the host:
+        one that found too few blocks waits until more are free), and the rows that need a block to go on
+        find one (no preemption)."""
         waiting = (self._held or self._preempted) and len(self._rows) < self.max_seqs
         if waiting and (self._stalled is None or self.blocks.free > self._stalled):
             return False
@@ -705,20 +733,11 @@ class Engine:
         for row in self._rows:
             if row.finish is not None:
                 continue
-            if not row.ahead or not self._plain(row):
+            if not row.ahead:
                 return False
             if row.generated + row.ahead < row.budget:
                 need += max(0, -(-(row.computed + 1) // self.block_size) - len(row.blocks))
         return need <= self.blocks.free
-
-    @staticmethod
-    def _plain(row: _Row) -> bool:
-        """Whether a row's next token may be drawn before its last one is read: no grammar (its mask follows
-        the last token), min_tokens reached (penalties count tokens on the device, logprobs come back with
-        the tokens)."""
-        state, params = row.state, row.stream.params
-        ready = state.generated >= params.min_tokens or not params.stop_token_ids  # (the ban is on stop ids)
-        return state.matcher is None and not row.scoring and ready
 
     def _land(self, flight: _Flight | None = None) -> None:
         """Read the tokens of a pass in flight (`_inflight` by default: waiting for that pass only) and hand
@@ -735,10 +754,9 @@ class Engine:
         states = [r.state for r in flight.rows]
         logprobs = hand_logprobs(states, *asked) if asked else [None] * len(tokens)
         for row, token, logprob in zip(flight.rows, tokens, logprobs, strict=True):
-            row.ahead -= 1
             if row.finish is not None:
                 continue
-            row.state.record(token, counted=True)  # (penalties' counts: `_choose` did)
+            row.state.record(token, drawn=True)  # (penalties' counts: `_choose` did)
             row.tokens.append(token)
             self._emit(row, token, logprob)
             self._offer(row, 0, now=False)  # a block this token completes (its keys: a pass already launched)
@@ -878,10 +896,11 @@ class Engine:
 
     def _draws_without_waiting(self) -> bool:
         """Whether drawing a pass's tokens (`_choose`: lm_head, sampling, penalties' counts and logprobs;
-        greedy, sampled (seed, top-k, top-p, min-p) and penalized rows, together and apart) leaves the host
-        free, as passes launched ahead need (a copy or a read that waits would make each launch wait for the
-        pass before it); else False, with a warning saying what waits. Checked once, at start."""
-        hidden = torch.zeros(3, self.model.config.hidden_size, dtype=self.kv_dtype, device=self.device)
+        greedy, sampled (seed, top-k, top-p, min-p), penalized and grammar rows (min_tokens too), together
+        and apart) leaves the host free, as passes launched ahead need (a copy or a read that waits would
+        make each launch wait for the pass before it); else False, with a warning saying what waits.
+        Checked once, at start."""
+        hidden = torch.zeros(4, self.model.config.hidden_size, dtype=self.kv_dtype, device=self.device)
         settings = (
             SamplingParams(1, temperature=0.0),
             SamplingParams(1, temperature=0.8, top_p=0.9, top_k=5, min_p=0.01, seed=0),
@@ -895,16 +914,26 @@ class Engine:
             ),
         )
         greedy, sampled, penalized = (RowState.create(p, [0], self.vocab_size, self.device) for p in settings)
+        grammar = SamplingParams(1, temperature=0.0, min_tokens=2, stop_token_ids=(0,), grammar="start: /[a-z]+/")
+        constrained = []
+        if self.grammars is not None:
+            constrained.append(RowState.create(grammar, [0], self.vocab_size, self.device, self.grammars))
 
         def draw(*states: RowState) -> None:
             logits = self.model.lm_head(hidden[: len(states)])
-            tokens = choose(logits, list(states), None, self.vocab_limit)
-            count_on_device(tokens, list(states))
+            tokens = choose(logits, list(states), self.grammars, self.vocab_limit)
+            count_drawn(tokens, list(states))
             logprobs_asked(logits, tokens, list(states))
+
+        def draws() -> None:
+            draw(greedy, sampled, penalized, *constrained)
+            draw(sampled)
+            if constrained:
+                draw(*constrained)
 
         try:
             with torch.inference_mode():
-                waits = host_syncs(lambda: (draw(greedy, sampled, penalized), draw(sampled)), pinned_ok=True)
+                waits = host_syncs(draws, pinned_ok=True)
         except Exception as exc:
             waits = [_describe(exc)]
         if waits:
@@ -962,13 +991,13 @@ class Engine:
         return next_tokens(logits, [r.state for r in rows], self.grammars, self.vocab_limit)
 
     def _choose(self, hidden: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The rows' next tokens and the logprobs asked (`sampling.logprobs_asked`), left on the device (plain
-        rows: no grammar), each token counted there for its penalties (the next pass's draw, launched
-        before these are read, needs them)."""
+        """The rows' next tokens and the logprobs asked (`sampling.logprobs_asked`), left on the device (rows
+        with a grammar: masked by the tokens read so far, which must be all of theirs), each token counted
+        there for its penalties (the next pass's draw, launched before these are read, needs them)."""
         states = [r.state for r in rows]
         logits = self.model.lm_head(hidden)
-        tokens = choose(logits, states, None, self.vocab_limit)
-        count_on_device(tokens, states)
+        tokens = choose(logits, states, self.grammars, self.vocab_limit)
+        count_drawn(tokens, states)
         return tokens, logprobs_asked(logits, tokens, states)
 
     def _score_prompt(self, row: _Row, hidden: torch.Tensor) -> None:
