@@ -188,11 +188,18 @@ def prefill_pass(engine: Engine, chunk: int, riders: int, args, gen: torch.Gener
 
 
 def run_engine(
-    engine: Engine, levels: list[int], args, gen: torch.Generator, report: dict, grammar: str | None = None
+    engine: Engine,
+    levels: list[int],
+    args,
+    gen: torch.Generator,
+    report: dict,
+    grammar: str | None = None,
+    runs: dict | None = None,
 ) -> dict:
     """`generate` at each level through the started engine (the first request of each level's shape, and
-    so the first compile of its buckets, lands in a warm-up generation)."""
-    runs: dict = {}
+    so the first compile of its buckets, lands in a warm-up generation); into `runs` (already in the report:
+    a run cut short keeps its levels) when given."""
+    runs = {} if runs is None else runs
     engine.start()
     try:
         for rows in levels:
@@ -333,13 +340,13 @@ def main() -> None:
             print(f"prefill {chunk} tokens: {prefill[chunk]}", flush=True)
             write_json(report, args.out)
     if "engine" in parts:
-        report["engine"] = run_engine(engine, levels, args, gen, report)
+        run_engine(engine, levels, args, gen, report, runs=report.setdefault("engine", {}))
     del engine
 
     if "engine-compiled" in parts:
         rows = ints(args.engine_compiled)
         engine = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(rows), compile_decode=True)
-        report["engine-compiled"] = run_engine(engine, rows, args, gen, report)
+        run_engine(engine, rows, args, gen, report, runs=report.setdefault("engine-compiled", {}))
         report["engine-compiled"]["torch_counters"] = torch_counters()
         del engine
     if "compiled" in parts:
@@ -397,11 +404,11 @@ def replay_graphs(model, levels: list[int], budget: int, args, gen: torch.Genera
         write_json(report, args.out)
     # the engine's loop with them: passes launched ahead of reading the last one's tokens (the server's
     # default, server.async_scheduling), then read one by one
-    runs["engine"] = run_engine(engine, levels, args, gen, report)
+    run_engine(engine, levels, args, gen, report, runs=runs.setdefault("engine", {}))
     del engine  # (its pool and graphs, before the next one's)
     gc.collect()
     stepwise = Engine(model, 4096, kv_budget_bytes=budget, max_seqs=max(levels), decode_graphs=True)
-    runs["engine_stepwise"] = run_engine(stepwise, levels, args, gen, report)
+    run_engine(stepwise, levels, args, gen, report, runs=runs.setdefault("engine_stepwise", {}))
     return runs
 
 
@@ -433,7 +440,7 @@ def tool_rows(model, levels: list[int], budget: int, args, gen: torch.Generator,
         kw = dict(kv_budget_bytes=budget, max_seqs=max(levels), grammars=backend, decode_graphs=True)
         engine = Engine(model, 4096, async_decode=ahead, **kw)
         runs[f"{name}_decode_mode"] = engine.decode_mode
-        runs[name] = run_engine(engine, levels, args, gen, report, grammar)
+        run_engine(engine, levels, args, gen, report, grammar, runs.setdefault(name, {}))
         del engine  # (its pool and graphs, before the next one's)
         gc.collect()
     return runs

@@ -874,14 +874,16 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     and finish of passes read one by one, while requests arrive mid-generation (a prefill pass reads first)
     and leave by length or a stop id (the pass launched ahead computed one token more for it, dropped),
     rows sample greedily and seeded (top_k, top_p, min_p) side by side, penalized rows count their tokens
-    on the device, logprobs (top ones too) come back with the tokens, and a row whose stop id is banned
-    until min_tokens (the ban counts its tokens in flight) runs beside them; every block comes back."""
+    on the device, logprobs (top ones too) come back with the tokens, and rows whose stop id is banned
+    until min_tokens run beside them (one stops on the first token allowed: the ban counts the tokens in
+    flight); every block comes back."""
     ids = prompts(20, 27, 35, 18, 41, 30, 25, 22)
     stepwise = Engine(sharp, 4096, decode_graphs=True)
     handed = {False: handed_out(stepwise)[1]}
     stepwise.start()
     try:
         [(plain, _, _, _), (early, _, _, _)] = run(stepwise, [(ids[4], greedy(30)), (ids[5], greedy(20))])
+        k = next(i for i in range(4, 20) if early[i] not in early[:i])
         jobs = [
             (ids[0], greedy(24)),
             (ids[1], greedy(12, logprobs=3)),
@@ -891,6 +893,7 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
             (ids[5], greedy(20, min_tokens=4, stop_token_ids=(first_new(early, 1),))),  # banned until 4
             (ids[6], greedy(30, frequency_penalty=1.5, presence_penalty=0.5)),  # counts kept on the device
             (ids[7], SamplingParams(30, temperature=0.8, repetition_penalty=1.5, seed=9, logprobs=1)),
+            (ids[5], greedy(20, min_tokens=k, stop_token_ids=(early[k],))),  # allowed at k (tokens in flight count)
         ]
         want = [r[:3] for r in run(stepwise, jobs, stagger=0.03)]
     finally:
@@ -913,7 +916,7 @@ def test_async_decoding_answers_as_passes_read_one_by_one(sharp):
     finally:
         engine.shutdown()
     assert [(t, f) for t, _, f in got] == [(t, f) for t, _, f in want]
-    assert [len(t) for t, _, _ in got] == [24, 12, 30, 20, 7, len(want[5][0]), 30, 30]
+    assert [len(t) for t, _, _ in got] == [24, 12, 30, 20, 7, len(want[5][0]), 30, 30, k + 1]
     assert late == []
     assert_counted_once(rows.values())
     assert sum(row.state.counts is not None for row in rows.values()) == 2

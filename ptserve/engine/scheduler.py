@@ -755,6 +755,7 @@ class Engine:
         logprobs = hand_logprobs(states, *asked) if asked else [None] * len(tokens)
         for row, token, logprob in zip(flight.rows, tokens, logprobs, strict=True):
             if row.finish is not None:
+                row.state.pending -= 1  # (dropped)
                 continue
             row.state.record(token, drawn=True)  # (penalties' counts: `_choose` did)
             row.tokens.append(token)
@@ -913,11 +914,7 @@ class Engine:
                 logprobs=2,
             ),
         )
-        greedy, sampled, penalized = (RowState.create(p, [0], self.vocab_size, self.device) for p in settings)
         grammar = SamplingParams(1, temperature=0.0, min_tokens=2, stop_token_ids=(0,), grammar="start: /[a-z]+/")
-        constrained = []
-        if self.grammars is not None:
-            constrained.append(RowState.create(grammar, [0], self.vocab_size, self.device, self.grammars))
 
         def draw(*states: RowState) -> None:
             logits = self.model.lm_head(hidden[: len(states)])
@@ -925,7 +922,7 @@ class Engine:
             count_drawn(tokens, list(states))
             logprobs_asked(logits, tokens, list(states))
 
-        def draws() -> None:
+        def draws(greedy: RowState, sampled: RowState, penalized: RowState, *constrained: RowState) -> None:
             draw(greedy, sampled, penalized, *constrained)
             draw(sampled)
             if constrained:
@@ -933,7 +930,10 @@ class Engine:
 
         try:
             with torch.inference_mode():
-                waits = host_syncs(draws, pinned_ok=True)
+                states = [RowState.create(p, [0], self.vocab_size, self.device) for p in settings]
+                if self.grammars is not None:  # (made here, not checked: a row's set-up is not a pass's work)
+                    states.append(RowState.create(grammar, [0], self.vocab_size, self.device, self.grammars))
+                waits = host_syncs(draws, *states, pinned_ok=True)
         except Exception as exc:
             waits = [_describe(exc)]
         if waits:
