@@ -66,6 +66,46 @@ def test_every_message_arrives_in_order_even_sent_before_the_consumer_binds():
         assert all(len(payload) == (LARGE if i % 100 == 0 else 0) for i, payload in mine)
 
 
+def test_messages_of_one_turn_of_an_event_loop_travel_together():
+    """A worker's messages sent from its event loop in one turn go as one ZeroMQ message (a pass hands every
+    stream its token in one turn); one sent from another thread goes at once, after what the turn holds so
+    far: order kept; the HTTP side returns them one by one."""
+    import threading
+
+    transport = PushPullTransport.create(1)
+    raw = zmq.Context.instance().socket(zmq.PULL)
+    raw.bind(transport.addresses[0])
+    worker = pickle.loads(pickle.dumps(transport))
+
+    async def turns():
+        for i in range(100):
+            worker.send(("a", i), consumer_id=0)
+        await asyncio.sleep(0)  # the loop's next turn: they go
+        worker.send(("b", 0), consumer_id=0)
+        other = threading.Thread(target=worker.send, args=(("thread", 0),), kwargs={"consumer_id": 0})
+        other.start()
+        other.join()
+        worker.send(("b", 1), consumer_id=0)
+        worker.send(("b", 2), consumer_id=0)
+        await asyncio.sleep(0)
+
+    asyncio.run(turns())
+    frames = [pickle.loads(raw.recv()) for _ in range(3)]
+    assert frames == [[("a", i) for i in range(100)], [("b", 0), ("thread", 0)], [("b", 1), ("b", 2)]]
+    assert raw.poll(200) == 0  # nothing more
+    raw.close(linger=0)
+
+    async def read_back():
+        worker.send(("c", 0), consumer_id=0)
+        worker.send(("c", 1), consumer_id=0)
+        await asyncio.sleep(0)
+        return [await transport.areceive(0, timeout=5) for _ in range(2)]
+
+    assert asyncio.run(read_back()) == [("c", 0), ("c", 1)]
+    worker.close()
+    transport.close()
+
+
 def test_it_crosses_processes_by_its_addresses_in_a_folder_only_its_user_can_enter():
     transport = PushPullTransport.create(2)
     copy = pickle.loads(pickle.dumps(transport))

@@ -22,11 +22,14 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._rust = rust_decoder(tokenizer)
         self.ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
+        if self._rust is not None:
+            return self._rust(ids, skip_special_tokens=self._skip)
         return self._tok.decode(ids, skip_special_tokens=self._skip, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> str:
@@ -44,6 +47,21 @@ class IncrementalDetokenizer:
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
             return full[len(prefix) :]
         return ""
+
+
+def rust_decoder(tokenizer):
+    """The `tokenizers` library's own decode where transformers' `decode` (without clean-up) is exactly it
+    (a fast tokenizer whose class keeps transformers' `_decode`): the same text without transformers'
+    argument handling, which cost more than the decoding itself (two calls a token, every token of every
+    stream, on the worker's event loop). None otherwise."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # (another transformers layout: its decode)
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._decode is not TokenizersBackend._decode:
+        return None
+    return getattr(backend, "decode", None)
 
 
 class StopMatcher:
