@@ -144,13 +144,21 @@ class Exchange:
         return choices
 
     async def _next(self) -> dict[str, Any] | None:
-        """The worker's next message, None when it ended; TimeoutError past the deadline."""
+        """The worker's next message, None when it ended; TimeoutError past the deadline (asyncio.timeout on
+        the running task: wait_for made a task for every message)."""
         try:
             if self.deadline.at is None:
                 return await anext(self.messages)
-            return await asyncio.wait_for(anext(self.messages), max(self.deadline.at - time.monotonic(), 0.0))
+            left = max(self.deadline.at - time.monotonic(), 0.0)
+            if _timeout is None:  # (Python 3.10)
+                return await asyncio.wait_for(anext(self.messages), left)
+            async with _timeout(left):
+                return await anext(self.messages)
         except StopAsyncIteration:
             return None
+
+
+_timeout = getattr(asyncio, "timeout", None)
 
 
 async def _disconnected(request: Request) -> None:

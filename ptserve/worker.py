@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -211,7 +212,12 @@ class Worker:
 
 
 async def _merge(generators):
-    """Interleave several async generators' items as they come."""
+    """Interleave several async generators' items as they come (one: its items, without a task between)."""
+    if len(generators) == 1:
+        async with contextlib.aclosing(generators[0]) as only:
+            async for item in only:
+                yield item
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

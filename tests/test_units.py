@@ -199,6 +199,22 @@ def test_chunks_follow_the_openai_rules_and_schema():
     assert streaming.ChatFormat("m").delta(0, "") == []  # nothing to say: no chunk
 
 
+def test_a_content_chunk_written_from_its_text_alone_is_the_generic_one():
+    """Every token's frame is written from the stream's encoded ends and the text: byte for byte what the
+    whole chunk's JSON gives, for texts with quotes, escapes, line separators JSON leaves raw, emoji and
+    control characters, with and without usage, for a model name that needs escaping too."""
+    texts = ["olá", ' "x"\\n', "a\u2028b\u2029c\x85", "🙂\x00\x1f\t", "</s>", ""]
+    for model, usage in (("m", False), ('phi "3.5"\u2028', True)):
+        fmt = streaming.ChatFormat(model, n=2, include_usage=usage)
+        fmt.start()
+        for index in (0, 1):
+            for text in texts:
+                generic = fmt._chunk(fmt._choice(index, {"content": text}))
+                assert fmt._frames(index, [{"content": text}]) == [generic]
+                assert json.loads(generic.removeprefix("data: "))["choices"][0]["delta"] == {"content": text}
+                assert "\u2028" not in generic and generic.count("\n") == 2
+
+
 RECORD = {
     "token": " oi",
     "logprob": -0.5,
