@@ -251,6 +251,9 @@ class ChatChunks(ChatFormat):
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:  # type: ignore[override]
         return {"choices": choices, **extra}
 
+    def _content_chunk(self, index: int, text: str) -> dict[str, Any]:  # type: ignore[override]
+        return self._chunk(self._choice(index, {"content": text}))
+
 
 def _event_delta(event: tuple) -> dict[str, Any]:
     """A ToolCallParser event -> a chat delta. `id`, `type` and `name` only on a call's first delta."""
