@@ -100,3 +100,34 @@ def test_the_servers_engine_process_starts_with_one_arena(server):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             engines.append(b"MALLOC_ARENA_MAX=1" in environ)
     assert engines == [True]
+
+
+LOAD = """
+import gc, sys
+from pathlib import Path
+from ptserve.config import load_config
+from ptserve.engine import hostmem, loader
+weights = str(Path(sys.argv[1]) / "model.safetensors")
+overrides = {("model", "id"): sys.argv[1], ("server", "compile_decode"): sys.argv[2] == "unpacked"}
+loaded = loader.load(load_config(None, environ={}, overrides=overrides))
+gc.collect()
+with open("/proc/self/maps") as maps:
+    mapped = any(line.rstrip().endswith(weights) for line in maps)
+print(mapped, hostmem.release_weight_files(loaded.model))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_model_packed_on_the_cpu_keeps_no_mapping_of_its_weight_file(tiny_model_dir):
+    """transformers' tensors are views of the mapped safetensors file: once the linears are packed the
+    embedding and norms left there kept the whole file mapped (at Phi-3.5's shape 7.2 GB resident beside the
+    7.6 GB model). They are copied out and the mapping goes; a model whose weights are still the file's
+    (not packed: server.compile_decode) stays mapped, served by the page cache."""
+    outputs = {}
+    for mode in ("packed", "unpacked"):
+        run = subprocess.run(
+            [sys.executable, "-c", LOAD, str(tiny_model_dir), mode], capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        outputs[mode] = run.stdout.split()
+    assert outputs == {"packed": ["False", "0"], "unpacked": ["True", "0"]}
