@@ -81,6 +81,15 @@ def _remove_stale_folders() -> None:
             os.close(fd)
 
 
+def _picklable(item: Any) -> bool:
+    try:
+        pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        logger.exception("dropped a message that does not pickle: %r", item)
+        return False
+    return True
+
+
 class PushPullTransport(MessageTransport):
     def __init__(self, addresses: list[str]):
         self.addresses = addresses  # one ipc:// address per consumer
@@ -134,7 +143,13 @@ class PushPullTransport(MessageTransport):
         batch = self._batches.pop(consumer_id, None)
         if not batch:
             return
-        data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # one item that does not pickle: the others go, it is dropped (as a lone send raised)
+            batch = [item for item in batch if _picklable(item)]
+            if not batch:
+                return
+            data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
         socket = self._pushers.get(consumer_id)
         if socket is None:
             if self._context is None:

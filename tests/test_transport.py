@@ -106,6 +106,28 @@ def test_messages_of_one_turn_of_an_event_loop_travel_together():
     transport.close()
 
 
+def test_a_message_that_does_not_pickle_is_dropped_not_its_turn(caplog):
+    """One unpicklable message in a turn's batch is dropped, with the error logged; the others of that turn
+    still go (they would all have been lost with the batch)."""
+    transport = PushPullTransport.create(1)
+    raw = zmq.Context.instance().socket(zmq.PULL)
+    raw.bind(transport.addresses[0])
+    worker = pickle.loads(pickle.dumps(transport))
+
+    async def turn():
+        worker.send(("a", 0), consumer_id=0)
+        worker.send(("bad", lambda: None), consumer_id=0)
+        worker.send(("a", 1), consumer_id=0)
+        await asyncio.sleep(0)
+
+    asyncio.run(turn())
+    assert pickle.loads(raw.recv()) == [("a", 0), ("a", 1)]
+    assert "dropped a message that does not pickle" in caplog.text
+    raw.close(linger=0)
+    worker.close()
+    transport.close()
+
+
 def test_it_crosses_processes_by_its_addresses_in_a_folder_only_its_user_can_enter():
     transport = PushPullTransport.create(2)
     copy = pickle.loads(pickle.dumps(transport))

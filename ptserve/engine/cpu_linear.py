@@ -38,7 +38,8 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT))
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        # a buffer, not a plain attribute: the module's tensors are those hostmem.release_weight_files sees
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

@@ -55,11 +55,15 @@ def rust_decoder(tokenizer):
     argument handling, which cost more than the decoding itself (two calls a token, every token of every
     stream, on the worker's event loop). None otherwise."""
     try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:  # (another transformers layout: its decode)
         return None
     backend = getattr(tokenizer, "_tokenizer", None)
-    if not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._decode is not TokenizersBackend._decode:
+    if not isinstance(tokenizer, TokenizersBackend):
+        return None
+    kind = type(tokenizer)
+    if kind._decode is not TokenizersBackend._decode or kind.decode is not PreTrainedTokenizerBase.decode:
         return None
     return getattr(backend, "decode", None)
 

@@ -105,7 +105,7 @@ def file_mappings(suffix: str) -> list[tuple[int, int]]:
 def release_weight_files(model, suffix: str = ".safetensors") -> int:
     """Copy the CPU tensors of `model` that are still views of its mapped weight files into the process's
     own memory, so that the mappings go, when they are a small part of those files (see the module's
-    docstring); how many were copied."""
+    docstring); how many mappings that was meant to release (0: none, or kept)."""
     import torch
 
     ranges = file_mappings(suffix)
@@ -131,7 +131,10 @@ def release_weight_files(model, suffix: str = ".safetensors") -> int:
                 t.data = t.data.clone()  # (the same Parameter: weights tied to it stay tied)
             else:
                 module._buffers[name] = t.clone()
-    return len(found)
+    del found, t
+    if used & set(file_mappings(suffix)):  # a tensor outside the modules' parameters and buffers holds it
+        logger.warning("the weight files stay mapped: a tensor the model's modules do not list is a view of them")
+    return len(used)
 
 
 def release_host_memory() -> None:

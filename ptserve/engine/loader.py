@@ -153,8 +153,8 @@ def load(config: Config, device: str | None = None) -> LoadedModel:
     packable = packable and cpu_linear.available()
     if packable and not config.server.compile_decode:  # torch.compile cannot lower the packed op
         logger.info("packed %d linear layers for oneDNN", cpu_linear.pack_linears(model))
-    if device.type == "cpu" and (copied := hostmem.release_weight_files(model)):
-        logger.info("%d tensors copied out of the mapped weight files, which are then unmapped", copied)
+    if device.type == "cpu" and hostmem.release_weight_files(model):
+        logger.info("the tensors left in the mapped weight files copied out of them: the files are unmapped")
     if device.type == "cuda":  # one kernel a norm instead of eight launches (rmsnorm.py), 4 a rotation, not 12
         logger.info("%d RMSNorm layers on torch's fused kernel", rmsnorm.fuse(model))
         rope.fuse_rotary()
