@@ -161,3 +161,30 @@ def test_packed_linears_with_biases_let_the_weight_file_go_too(tmp_path):
     run = subprocess.run([sys.executable, "-c", BIASED, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["1", "False", "True"]
+
+
+DROP = """
+import re, sys, torch
+from ptserve.engine import hostmem
+def file_kb():
+    return int(re.search(r"RssFile:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.write(torch.arange(1 << 22, dtype=torch.int32).numpy().tobytes())  # 16 MiB
+t = torch.from_file(path, shared=True, size=1 << 22, dtype=torch.int32)
+total = int(t.sum())  # every page read
+before = file_kb()
+dropped = hostmem.drop_file_pages(t, hostmem.file_mappings(".safetensors"))
+after = file_kb()
+print(dropped, before - after >= 15 * 1024, int(t.sum()) == total)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_packed_weights_file_pages_leave_resident_memory(tmp_path):
+    """A weight read from a mapped file to be packed: its pages leave the process's resident memory (16
+    MiB of them here), and read again they come back from the file, the same values."""
+    path = tmp_path / "weights.safetensors"
+    run = subprocess.run([sys.executable, "-c", DROP, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "True", "True"]

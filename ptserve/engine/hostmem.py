@@ -28,6 +28,8 @@ tensors are views of them; once the linears are packed for oneDNN (or quantized)
 the worker showed 14.6 GB resident for a 7.6 GB model (7.2 GB of it the file). Those tensors are copied into
 the process's own memory and the mapping goes (7.7 GB). Where most of the file is still the model's (weights
 not packed), the mapping stays: the page cache serves them, and other processes of the same model share it.
+While packing, `drop_file_pages` takes each packed weight's pages out of resident memory (the loading peak
+at that shape: 14.9 -> 7.8 GB).
 """
 
 from __future__ import annotations
@@ -135,6 +137,26 @@ def release_weight_files(model, suffix: str = ".safetensors") -> int:
     if used & set(file_mappings(suffix)):  # a tensor outside the modules' parameters and buffers holds it
         logger.warning("the weight files stay mapped: a tensor the model's modules do not list is a view of them")
     return len(used)
+
+
+MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file's are read again if touched)
+
+
+def drop_file_pages(tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Take the pages that lie wholly inside `tensor`'s bytes out of this process's resident memory when
+    those bytes are in one of `ranges` (mapped files, `file_mappings`): a weight read once to be packed
+    otherwise stays resident as long as the file is mapped. Harmless if the tensor is read again (its
+    pages come back from the file). True where it applied."""
+    madvise = _libc_function("madvise")
+    start, size = tensor.data_ptr(), tensor.nbytes
+    if madvise is None or not any(lo <= start and start + size <= hi for lo, hi in ranges):
+        return False
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = -(-start // page) * page, (start + size) // page * page
+    if last <= first:
+        return False
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise(first, last - first, MADV_DONTNEED) == 0
 
 
 def release_host_memory() -> None:
