@@ -10,6 +10,7 @@ bfloat16 models on the CPU.
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import torch
@@ -66,10 +67,13 @@ def pack_linears(model: torch.nn.Module) -> int:
     peaked at the packed copy plus the whole file, 14.9 GB."""
     swapped = 0
     mapped = hostmem.file_mappings(".safetensors")
+    # (a weight tied to another module, an embedding, stays in use: its pages are left where they are)
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear and child.weight.dtype in PACKED_DTYPES:
                 setattr(parent, name, PackedLinear(child))
-                hostmem.drop_file_pages(child.weight, mapped)
+                if uses[id(child.weight)] == 1:
+                    hostmem.drop_file_pages(child.weight, mapped)
                 swapped += 1
     return swapped

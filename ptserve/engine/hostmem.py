@@ -145,8 +145,9 @@ MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file's are read
 def drop_file_pages(tensor, ranges: list[tuple[int, int]]) -> bool:
     """Take the pages that lie wholly inside `tensor`'s bytes out of this process's resident memory when
     those bytes are in one of `ranges` (mapped files, `file_mappings`): a weight read once to be packed
-    otherwise stays resident as long as the file is mapped. Harmless if the tensor is read again (its
-    pages come back from the file). True where it applied."""
+    otherwise stays resident as long as the file is mapped. Read again, its pages come back from the file:
+    for a tensor nothing uses any more (the mapping is private: a page written in place would come back as
+    the file has it). True where it applied."""
     madvise = _libc_function("madvise")
     start, size = tensor.data_ptr(), tensor.nbytes
     if madvise is None or not any(lo <= start and start + size <= hi for lo, hi in ranges):
