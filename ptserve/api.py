@@ -30,6 +30,7 @@ from collections import deque
 from typing import Any
 
 import litserve as ls
+import tqdm
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -419,6 +420,10 @@ class ChatAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         configure_logging()
         exit_with_parent()
+        # transformers' loading bars (tqdm) would make a multiprocessing lock, a named semaphore the worker
+        # never releases when it is stopped: "resource_tracker: There appear to be 1 leaked semaphore
+        # objects" at every Ctrl-C. Its bars never cross processes: a thread lock does.
+        tqdm.tqdm.set_lock(threading.RLock())
         self.worker = Worker(self.config, device, self.shared, self.config.server.workers_per_device)
 
     async def decode_request(self, request, **kwargs):

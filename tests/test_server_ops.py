@@ -132,3 +132,4 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(ops_server):
     assert ops_server.proc.wait(timeout=120) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(ops_server.base_url + "/health", timeout=5)
+    assert "leaked semaphore" not in ops_server.log_path.read_text()  # (tqdm's lock in the workers)
