@@ -150,14 +150,15 @@ class Exchange:
             if self.deadline.at is None:
                 return await anext(self.messages)
             left = max(self.deadline.at - time.monotonic(), 0.0)
-            if _timeout is None:  # (Python 3.10, where wait_for raises asyncio's own TimeoutError)
-                return await asyncio.wait_for(anext(self.messages), left)
+            if _timeout is None:  # Python 3.10, where wait_for raises asyncio's own TimeoutError
+                try:
+                    return await asyncio.wait_for(anext(self.messages), left)
+                except asyncio.TimeoutError:
+                    raise TimeoutError from None
             async with _timeout(left):
                 return await anext(self.messages)
         except StopAsyncIteration:
             return None
-        except asyncio.TimeoutError as exc:  # (the builtin one from 3.11 on)
-            raise TimeoutError(str(exc)) from None
 
 
 _timeout = getattr(asyncio, "timeout", None)

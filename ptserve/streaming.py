@@ -185,14 +185,14 @@ class ChatFormat(OpenAIWire):
             deltas = [{"content": ""}]
         return self._frames(index, deltas, logprobs)
 
-    def _frames(self, index: int, deltas: list[dict[str, Any]], logprobs=None, finish=None) -> list[str]:
+    def _frames(self, index: int, deltas: list[dict[str, Any]], logprobs=None) -> list[str]:
         frames = []
         for k, delta in enumerate(deltas):
             if index not in self._started:
                 self._started.add(index)
                 delta = {"role": "assistant", **({"content": None} if "tool_calls" in delta else {}), **delta}
             lp = logprobs if k == 0 else None
-            if lp is None and finish is None and len(delta) == 1 and isinstance(delta.get("content"), str):
+            if lp is None and len(delta) == 1 and isinstance(delta.get("content"), str):
                 frames.append(self._content_chunk(index, delta["content"]))
             else:
                 frames.append(self._chunk(self._choice(index, delta, logprobs=lp)))

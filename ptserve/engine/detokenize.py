@@ -9,6 +9,8 @@ Joined, the returned pieces equal `tokenizer.decode(ids, skip_special_tokens=Tru
 
 from __future__ import annotations
 
+import functools
+
 REPLACEMENT = "\ufffd"
 
 
@@ -54,18 +56,25 @@ def rust_decoder(tokenizer):
     (a fast tokenizer whose class keeps transformers' `_decode`): the same text without transformers'
     argument handling, which cost more than the decoding itself (two calls a token, every token of every
     stream, on the worker's event loop). None otherwise."""
+    if not _decodes_in_rust(type(tokenizer)):
+        return None
+    return getattr(getattr(tokenizer, "_tokenizer", None), "decode", None)
+
+
+@functools.cache
+def _decodes_in_rust(kind: type) -> bool:
+    """Whether tokenizers of class `kind` decode exactly as their `tokenizers` backend (decided once a class,
+    not for every request)."""
     try:
         from transformers.tokenization_utils_base import PreTrainedTokenizerBase
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:  # (another transformers layout: its decode)
-        return None
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if not isinstance(tokenizer, TokenizersBackend):
-        return None
-    kind = type(tokenizer)
-    if kind._decode is not TokenizersBackend._decode or kind.decode is not PreTrainedTokenizerBase.decode:
-        return None
-    return getattr(backend, "decode", None)
+        return False
+    return (
+        issubclass(kind, TokenizersBackend)
+        and kind._decode is TokenizersBackend._decode
+        and kind.decode is PreTrainedTokenizerBase.decode
+    )
 
 
 class StopMatcher:
